@@ -1,0 +1,137 @@
+"""A per-study preprocessing cache shared by both pipelines.
+
+Layout of a cache folder:
+  manifest.json   pipeline name, resolved configuration and its hash
+  <study_id>.npz  one file per finished study (arrays + JSON meta), written atomically
+  errors.jsonl    one line per study that failed in the latest run, with the reason
+
+A rerun with the same configuration skips finished studies, so a killed run resumes where it
+stopped; a different configuration in the same folder is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsdc.fileio import atomic_write_json, atomic_write_text, load_npz, save_npz
+from lsdc.parallel import parallel_map
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+
+StudyArrays = tuple[dict[str, np.ndarray], dict[str, Any]]
+
+
+class CacheMismatchError(RuntimeError):
+    """The cache folder holds results of another pipeline or configuration."""
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class CacheRunReport:
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class StudyCache:
+    """One folder of per-study `.npz` files bound to one pipeline and configuration."""
+
+    def __init__(self, root: str | Path, pipeline: str, config: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.pipeline = pipeline
+        self.config = config
+        self.hash = config_hash(config)
+        manifest = self.root / MANIFEST
+        if manifest.exists():
+            found = json.loads(manifest.read_text())
+            if found.get("pipeline") != pipeline or found.get("config_hash") != self.hash:
+                raise CacheMismatchError(
+                    f"{manifest}: holds pipeline {found.get('pipeline')!r} with config hash "
+                    f"{found.get('config_hash')}, not {pipeline!r} with {self.hash}; "
+                    "use another cache folder or delete this one"
+                )
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                manifest, {"pipeline": pipeline, "config_hash": self.hash, "config": config}
+            )
+
+    @classmethod
+    def open(cls, root: str | Path) -> StudyCache:
+        """Open an existing cache for reading, taking pipeline and config from its manifest."""
+        manifest = Path(root) / MANIFEST
+        if not manifest.exists():
+            raise FileNotFoundError(f"{manifest}: not a cache folder (no manifest)")
+        found = json.loads(manifest.read_text())
+        return cls(root, found["pipeline"], found["config"])
+
+    def path(self, study_id: int) -> Path:
+        return self.root / f"{int(study_id)}.npz"
+
+    def has(self, study_id: int) -> bool:
+        return self.path(study_id).exists()
+
+    def study_ids(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.root.glob("*.npz") if p.stem.isdigit())
+
+    def save(self, study_id: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        return save_npz(self.path(study_id), arrays, {**meta, "config_hash": self.hash})
+
+    def load(self, study_id: int) -> StudyArrays:
+        return load_npz(self.path(study_id))
+
+    def run(
+        self,
+        study_ids: Iterable[int],
+        build: Callable[[int], StudyArrays],
+        *,
+        workers: int = 1,
+        desc: str = "preprocess",
+        progress: bool = True,
+    ) -> CacheRunReport:
+        """Build and save every study not yet cached; failures are recorded and skipped.
+
+        `build(study_id)` must be picklable when `workers` > 1 (a module-level function or a
+        `functools.partial` of one).
+        """
+        report = CacheRunReport()
+        todo = []
+        for sid in study_ids:
+            (report.skipped if self.has(sid) else todo).append(int(sid))
+        task = _BuildAndSave(self.root, self.pipeline, self.config, build)
+        for out in parallel_map(task, todo, workers=workers, desc=desc, progress=progress):
+            if out.ok:
+                report.written.append(out.item)
+            else:
+                report.failed[out.item] = out.error or "unknown error"
+        lines = [json.dumps({"study_id": k, "error": v}) for k, v in sorted(report.failed.items())]
+        atomic_write_text(self.root / ERRORS, "".join(line + "\n" for line in lines))
+        report.written.sort()
+        return report
+
+
+@dataclass
+class _BuildAndSave:
+    """Picklable worker: builds one study and writes it from the worker process, so big arrays
+    never travel back through the pool."""
+
+    root: Path
+    pipeline: str
+    config: dict[str, Any]
+    build: Callable[[int], StudyArrays]
+
+    def __call__(self, study_id: int) -> None:
+        arrays, meta = self.build(study_id)
+        StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)

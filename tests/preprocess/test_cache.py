@@ -1,0 +1,48 @@
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+
+from lsdc.preprocess.cache import CacheMismatchError, StudyCache
+
+
+def _build(study_id: int, fail: frozenset[int] = frozenset()) -> tuple[dict, dict]:
+    if study_id in fail:
+        raise RuntimeError(f"study {study_id}: no sagittal series")
+    return {"x": np.full((2, 3), study_id, np.float32)}, {"study_id": study_id}
+
+
+def test_run_writes_skips_and_records_failures(tmp_path):
+    cache = StudyCache(tmp_path, "demo", {"size": 8})
+    report = cache.run([1, 2, 3], partial(_build, fail=frozenset({2})), progress=False)
+    assert report.written == [1, 3] and report.skipped == [] and list(report.failed) == [2]
+    assert "no sagittal series" in report.failed[2]
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"study_id": 2, "error": "RuntimeError: study 2: no sagittal series"}]
+    arrays, meta = cache.load(3)
+    np.testing.assert_array_equal(arrays["x"], np.full((2, 3), 3, np.float32))
+    assert meta["study_id"] == 3 and meta["config_hash"] == cache.hash
+
+    before = cache.path(1).stat().st_mtime_ns
+    again = StudyCache(tmp_path, "demo", {"size": 8}).run(
+        [1, 2, 3], _build, workers=2, progress=False
+    )
+    assert again.skipped == [1, 3] and again.written == [2] and not again.failed
+    assert cache.path(1).stat().st_mtime_ns == before
+    assert cache.study_ids() == [1, 2, 3]
+    assert (tmp_path / "errors.jsonl").read_text() == ""
+
+
+def test_other_config_in_same_folder_is_refused(tmp_path):
+    StudyCache(tmp_path, "demo", {"size": 8})
+    with pytest.raises(CacheMismatchError, match="another cache folder"):
+        StudyCache(tmp_path, "demo", {"size": 16})
+    with pytest.raises(CacheMismatchError):
+        StudyCache(tmp_path, "other", {"size": 8})
+    assert StudyCache.open(tmp_path).config == {"size": 8}
+
+
+def test_open_requires_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        StudyCache.open(tmp_path)
