@@ -53,6 +53,62 @@ def preprocess(
         raise typer.Exit(1)
 
 
+@app.command()
+def score(
+    labels_csv: Annotated[Path, typer.Argument(help="Labels in train.csv format.")],
+    submission_csv: Annotated[Path, typer.Argument(help="Submission CSV to score.")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+) -> None:
+    """The official metric: three weighted log losses, any_severe_spinal and their mean."""
+    import json
+
+    from lsdc.metrics import score_files
+
+    try:
+        result = score_files(labels_csv, submission_csv)
+    except ValueError as exc:  # TableError, MetricError: one clear line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if json_output:
+        typer.echo(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{submission_csv.name} vs {labels_csv.name}")
+    table.add_column("term")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.6f}", style="bold" if key == "score" else None)
+    Console().print(table)
+
+
+@app.command("validate-submission")
+def validate_submission(
+    submission_csv: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
+    series_descriptions: Annotated[
+        Path, typer.Option(help="Series descriptions CSV naming the studies to expect.")
+    ],
+) -> None:
+    """List every problem of a submission; exit 1 when there is any, print 'valid' otherwise."""
+    from lsdc.inference.submission import validate_submission_file
+
+    try:
+        problems = validate_submission_file(submission_csv, series_descriptions)
+    except ValueError as exc:  # TableError: one clear line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not problems:
+        typer.echo("valid")
+        return
+    for problem in problems:
+        typer.echo(problem)
+    typer.echo(f"{len(problems)} problems", err=True)
+    raise typer.Exit(1)
+
+
 # -- commands end here (append new commands above this line) --
 
 
