@@ -24,8 +24,8 @@ setup: $(DEPS_STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
 lint: setup
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
 
 test: lint
 	$(PY) -m pytest -n 2 --durations=15
