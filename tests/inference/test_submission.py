@@ -127,3 +127,12 @@ def test_validate_numeric_frame_with_nan():
     sub.loc[7, "severe"] = np.nan
     problems = validate_submission(sub, descriptions())
     assert problems == [f"row '4003253_{TARGETS[7]}': column 'severe': non-finite value nan"]
+
+
+def test_six_decimal_thirds_like_the_competition_sample_are_valid():
+    sub = build_submission(STUDIES, probs()).astype({c: object for c in PROB_COLUMNS})
+    sub.loc[:, list(PROB_COLUMNS)] = "0.333333"
+    assert validate_submission(sub, descriptions()) == []
+    sub.loc[3, "severe"] = "0.333330"  # off by 3e-6: still reported
+    (problem,) = validate_submission(sub, descriptions())
+    assert "sum to" in problem
