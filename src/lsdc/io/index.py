@@ -1,0 +1,318 @@
+"""Header-only index of a whole RSNA-format dataset: one row per series with its geometry.
+
+`index_dataset(data_dir, split=..., out=..., workers=...)` walks
+`<data_dir>/<split>_images/<study_id>/<series_id>/`, reads only the headers of every file
+(pixel bytes are skipped, truncation is still detected), and writes a CSV atomically plus a
+`*_problems.csv` listing every bad file, unusable series and table mismatch. Series are indexed in
+parallel (`lsdc.parallel.parallel_map`, with a progress bar); a bad file or series is reported,
+never the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lsdc import geometry
+from lsdc.io.dicom import (
+    FLAG_SKIPPED_FILES,
+    SeriesReadError,
+    SliceHeader,
+    SliceReadError,
+    check_usable,
+    layout_stack,
+    read_header,
+    series_files,
+)
+from lsdc.io.study import series_type_from_description
+from lsdc.parallel import parallel_map
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass
+class SeriesIndexRow:
+    """One series of the index (a CSV row). Geometry is that of the majority grid."""
+
+    study_id: int
+    series_id: int
+    series_type: str | None  # from the descriptions table, else a DICOM tag naming a known type
+    table_description: str | None  # `<split>_series_descriptions.csv`, None when not listed
+    dicom_description: str | None  # SeriesDescription tag
+    orientation_label: str | None
+    n_files: int
+    n_slices: int  # usable slices
+    rows: int | None
+    cols: int | None
+    row_spacing: float | None
+    col_spacing: float | None
+    slice_thickness: float | None
+    spacing_between_slices: float | None  # measured from positions along the normal
+    flags: str  # ";"-joined FLAG_* values (mixed_sizes, skipped_files, mixed_orientation, ...)
+    bad_files: int
+    error: str | None  # why the series is unusable, None when read_series would load it
+
+
+@dataclass
+class Problem:
+    """A bad file, an unusable series or a table mismatch, with the path it concerns."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class IndexResult:
+    rows: list[SeriesIndexRow]
+    problems: list[Problem]
+    split: str
+    data_dir: Path
+    seconds: float = 0.0
+    out: Path | None = None
+    problems_out: Path | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def index_series(
+    folder: Path, study_id: int, series_id: int, table_description: str | None = None
+) -> tuple[SeriesIndexRow, list[Problem]]:
+    """Index one series folder from headers only; never raises for bad files or series."""
+    paths = series_files(folder) if folder.is_dir() else []
+    headers: list[SliceHeader] = []
+    skipped: list[tuple[Path, str]] = []
+    for p in paths:
+        try:
+            headers.append(read_header(p))
+        except SliceReadError as exc:
+            skipped.append((p, exc.reason))
+    problems = [Problem(str(p), reason) for p, reason in skipped]
+    error = None
+    try:
+        check_usable(folder, len(paths), skipped)
+    except SeriesReadError as exc:
+        error = exc.reason
+        problems.append(Problem(str(folder), f"unusable series: {exc.reason}"))
+
+    descriptions = Counter(h.description for h in headers if h.description)
+    dicom_description = descriptions.most_common(1)[0][0] if descriptions else None
+    source = table_description if table_description is not None else dicom_description
+    row = SeriesIndexRow(
+        study_id=study_id,
+        series_id=series_id,
+        series_type=series_type_from_description(source),
+        table_description=table_description,
+        dicom_description=dicom_description,
+        orientation_label=None,
+        n_files=len(paths),
+        n_slices=len(headers),
+        rows=None,
+        cols=None,
+        row_spacing=None,
+        col_spacing=None,
+        slice_thickness=None,
+        spacing_between_slices=None,
+        flags=FLAG_SKIPPED_FILES if skipped else "",
+        bad_files=len(skipped),
+        error=error,
+    )
+    if headers:
+        layout = layout_stack(headers)
+        row.orientation_label = geometry.orientation_label(layout.orientation)
+        row.rows, row.cols, row.row_spacing, row.col_spacing = layout.grid
+        row.slice_thickness = layout.slice_thickness
+        row.spacing_between_slices = layout.spacing_between_slices
+        row.flags = ";".join(([row.flags] if row.flags else []) + layout.flags)
+    return row, problems
+
+
+def _index_item(
+    item: tuple[str, int, int, str | None],
+) -> tuple[SeriesIndexRow, list[Problem]]:
+    # Top-level (picklable) entry point for the process pool.
+    folder, study_id, series_id, description = item
+    return index_series(Path(folder), study_id, series_id, description)
+
+
+def _read_descriptions(
+    data_dir: Path, split: str, problems: list[Problem]
+) -> dict[tuple[int, int], str] | None:
+    path = data_dir / f"{split}_series_descriptions.csv"
+    if not path.is_file():
+        return None
+    from lsdc.io.tables import read_series_descriptions
+
+    try:
+        table = read_series_descriptions(path)
+    except Exception as exc:  # noqa: BLE001 - a bad table is reported; DICOM tags still index
+        problems.append(Problem(str(path), f"descriptions table unusable: {exc}"))
+        return None
+    return {
+        (int(a), int(b)): str(c)
+        for a, b, c in zip(
+            table["study_id"], table["series_id"], table["series_description"], strict=True
+        )
+    }
+
+
+def build_index(
+    data_dir: str | Path, *, split: str = "train", workers: int = 1, progress: bool = True
+) -> IndexResult:
+    """Index every series of `<data_dir>/<split>_images` (headers only, in parallel)."""
+    start = time.perf_counter()
+    data_dir = Path(data_dir)
+    images = data_dir / f"{split}_images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: no such folder (expected RSNA layout)")
+    problems: list[Problem] = []
+    descriptions = _read_descriptions(data_dir, split, problems)
+
+    items: list[tuple[str, int, int, str | None]] = []
+    seen: set[tuple[int, int]] = set()
+    for study_dir in sorted(images.iterdir(), key=lambda p: p.name):
+        if study_dir.name.startswith("."):
+            continue
+        if not study_dir.is_dir() or not study_dir.name.isdigit():
+            problems.append(Problem(str(study_dir), "not a <study_id> folder"))
+            continue
+        series_dirs = [p for p in study_dir.iterdir() if not p.name.startswith(".")]
+        if not series_dirs:
+            problems.append(Problem(str(study_dir), "study has no series folder"))
+        for series_dir in sorted(series_dirs, key=lambda p: p.name):
+            if not series_dir.is_dir() or not series_dir.name.isdigit():
+                problems.append(Problem(str(series_dir), "not a <series_id> folder"))
+                continue
+            key = (int(study_dir.name), int(series_dir.name))
+            seen.add(key)
+            desc = descriptions.get(key) if descriptions is not None else None
+            items.append((str(series_dir), key[0], key[1], desc))
+    if descriptions is not None:
+        for study_id, series_id in sorted(set(descriptions) - seen):
+            problems.append(
+                Problem(
+                    str(images / str(study_id) / str(series_id)),
+                    "listed in the descriptions table but has no folder",
+                )
+            )
+
+    rows: list[SeriesIndexRow] = []
+    series_problems: list[Problem] = []
+    outcomes = parallel_map(
+        _index_item, items, workers=workers, desc="indexing series", progress=progress
+    )
+    for outcome in outcomes:
+        if outcome.error is not None:  # a bug or an OS error on one series: report, go on
+            series_problems.append(Problem(outcome.item[0], f"indexing failed: {outcome.error}"))
+            continue
+        assert outcome.result is not None
+        row, row_problems = outcome.result
+        rows.append(row)
+        series_problems.extend(row_problems)
+    # Completion order varies with workers; the outputs must not.
+    rows.sort(key=lambda r: (r.study_id, r.series_id))
+    problems.extend(sorted(series_problems, key=lambda p: (p.path, p.reason)))
+    result = IndexResult(rows=rows, problems=problems, split=split, data_dir=data_dir)
+    result.seconds = time.perf_counter() - start
+    result.counts = _counts(rows)
+    return result
+
+
+def _counts(rows: list[SeriesIndexRow]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    counts["studies"] = len({r.study_id for r in rows})
+    counts["series"] = len(rows)
+    counts["files"] = sum(r.n_files for r in rows)
+    counts["slices"] = sum(r.n_slices for r in rows)
+    counts["bad_files"] = sum(r.bad_files for r in rows)
+    counts["unusable_series"] = sum(r.error is not None for r in rows)
+    for r in rows:
+        counts[f"type: {r.series_type or 'unknown'}"] += 1
+        for flag in filter(None, r.flags.split(";")):
+            counts[f"flag: {flag}"] += 1
+    return dict(counts)
+
+
+def index_to_frame(rows: list[SeriesIndexRow]) -> pd.DataFrame:
+    """The index as a DataFrame (one row per series, columns as SeriesIndexRow)."""
+    import pandas as pd
+
+    columns = [f.name for f in fields(SeriesIndexRow)]
+    frame = pd.DataFrame([asdict(r) for r in rows], columns=columns)
+    for col in ("rows", "cols"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def write_index(result: IndexResult, out: str | Path) -> tuple[Path, Path]:
+    """Write the index CSV and `<stem>_problems.csv` next to it, atomically."""
+    import pandas as pd
+
+    from lsdc.fileio import atomic_write_text
+
+    out = Path(out)
+    problems_out = out.with_name(f"{out.stem}_problems.csv")
+    atomic_write_text(out, index_to_frame(result.rows).to_csv(index=False, float_format="%.6g"))
+    problems = pd.DataFrame([asdict(p) for p in result.problems], columns=["path", "reason"])
+    atomic_write_text(problems_out, problems.to_csv(index=False))
+    result.out, result.problems_out = out, problems_out
+    return out, problems_out
+
+
+def index_dataset(
+    data_dir: str | Path,
+    *,
+    split: str = "train",
+    out: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> IndexResult:
+    """Build the index of one split and write it (default `./<split>_series_index.csv`)."""
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    result = build_index(data_dir, split=split, workers=workers, progress=progress)
+    write_index(result, Path(out) if out is not None else Path(f"{split}_series_index.csv"))
+    return result
+
+
+def format_summary(result: IndexResult, max_problems: int = 10) -> str:
+    """A short human summary of an index run."""
+    c = result.counts
+    rate = c.get("files", 0) / result.seconds if result.seconds > 0 else float("nan")
+    lines = [
+        f"{result.split}: {c.get('studies', 0)} studies, {c.get('series', 0)} series, "
+        f"{c.get('files', 0)} files ({c.get('slices', 0)} usable slices) in "
+        f"{result.seconds:.1f} s ({rate:.0f} files/s)",
+    ]
+    types = sorted((k[6:], v) for k, v in c.items() if k.startswith("type: "))
+    lines.append("series types: " + ", ".join(f"{k} {v}" for k, v in types))
+    flags = sorted((k[6:], v) for k, v in c.items() if k.startswith("flag: "))
+    if flags:
+        lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in flags))
+    lines.append(
+        f"bad files: {c.get('bad_files', 0)}; unusable series: {c.get('unusable_series', 0)}; "
+        f"problems: {len(result.problems)}"
+    )
+    for p in result.problems[:max_problems]:
+        lines.append(f"  {p.path}: {p.reason}")
+    if len(result.problems) > max_problems:
+        lines.append(f"  ... {len(result.problems) - max_problems} more")
+    if result.out is not None:
+        lines.append(f"index: {result.out}")
+        lines.append(f"problems: {result.problems_out}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "IndexResult",
+    "Problem",
+    "SeriesIndexRow",
+    "build_index",
+    "format_summary",
+    "index_dataset",
+    "index_series",
+    "index_to_frame",
+    "write_index",
+]

@@ -1,0 +1,117 @@
+"""A study: its series grouped by type.
+
+`load_study(data_dir, study_id)` reads `<data_dir>/<split>_images/<study_id>/<series_id>/*.dcm`.
+Series types come from the series-descriptions table (passed as a mapping); a series missing
+from it is typed from its DICOM SeriesDescription tag when that names a known type, otherwise it
+is kept with `series_type=None` and its orientation label. One unreadable series is recorded in
+`Study.errors`; it never ends the study.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsdc.constants import SERIES_TYPES
+from lsdc.io.dicom import Series, SeriesReadError, read_series
+
+
+class StudyReadError(Exception):
+    """A study folder that cannot be read at all (missing, or holds no series folder)."""
+
+    def __init__(self, folder: Path | str, reason: str):
+        self.folder = Path(folder)
+        self.reason = reason
+        super().__init__(f"{self.folder}: {reason}")
+
+
+@dataclass
+class Study:
+    """All readable series of one study. Several series may share a type; a type may be absent."""
+
+    study_id: int
+    series: list[Series] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # series that could not be read, with reason
+
+    def of_type(self, series_type: str) -> list[Series]:
+        return [s for s in self.series if s.series_type == series_type]
+
+    def first_of_type(self, series_type: str) -> Series | None:
+        found = self.of_type(series_type)
+        return found[0] if found else None
+
+    def by_id(self, series_id: int) -> Series:
+        """The series with this id; KeyError if absent (or unreadable)."""
+        for s in self.series:
+            if s.series_id == int(series_id):
+                return s
+        raise KeyError(f"series {series_id} not in study {self.study_id}")
+
+    @property
+    def series_types(self) -> dict[int, str | None]:
+        """series_id -> series type (None when unknown)."""
+        return {s.series_id: s.series_type for s in self.series}
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+_KNOWN_TYPES = {_squash(t): t for t in SERIES_TYPES}
+
+
+def series_type_from_description(description: str | None) -> str | None:
+    """The known series type a description names ("Sagittal T2/STIR", "sagittal t2 stir", ...),
+    ignoring case, spaces and punctuation; None when it names none."""
+    if not description:
+        return None
+    return _KNOWN_TYPES.get(_squash(description))
+
+
+def study_folder(data_dir: str | Path, study_id: int, split: str = "train") -> Path:
+    """`<data_dir>/<split>_images/<study_id>`."""
+    return Path(data_dir) / f"{split}_images" / str(int(study_id))
+
+
+def load_study(
+    data_dir: str | Path,
+    study_id: int,
+    *,
+    split: str = "train",
+    descriptions: Mapping[int, str] | None = None,
+) -> Study:
+    """Read every series of one study (series folders in numeric order).
+
+    `descriptions` maps series_id -> series type (from `<split>_series_descriptions.csv`).
+    StudyReadError when the study folder is missing or holds no series folder; a series that
+    cannot be read is listed in `Study.errors` as "<series_id>: <reason>".
+    """
+    folder = study_folder(data_dir, study_id, split)
+    if not folder.is_dir():
+        raise StudyReadError(folder, f"study {study_id} has no folder")
+    series_dirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not series_dirs:
+        raise StudyReadError(folder, f"study {study_id} has no series folder")
+    # Numeric folders in numeric order; anything else sorts last and is reported below.
+    series_dirs.sort(key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+    descriptions = descriptions or {}
+
+    study = Study(study_id=int(study_id))
+    for sd in series_dirs:
+        if not sd.name.isdigit():
+            study.errors.append(f"{sd.name}: series folder name is not an integer id ({sd})")
+            continue
+        series_id = int(sd.name)
+        table_type = descriptions.get(series_id)
+        try:
+            series = read_series(sd, study_id=int(study_id), series_id=series_id)
+        except SeriesReadError as exc:
+            study.errors.append(f"{series_id}: {exc}")
+            continue
+        # The table wins; the DICOM tag only stands in for a series the table does not list.
+        source = table_type if table_type is not None else series.description
+        series.series_type = series_type_from_description(source)
+        study.series.append(series)
+    return study
