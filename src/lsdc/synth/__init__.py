@@ -1,0 +1,138 @@
+"""Phantom generator: complete RSNA-format lumbar spine MRI datasets with known truth.
+
+`generate_dataset` writes train/test DICOM studies, the competition's CSV set and `truth/`
+(test labels and coordinates, one JSON line of phantom parameters per study). See DESIGN §5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from lsdc.fileio import atomic_write_text
+from lsdc.parallel import parallel_map
+from lsdc.synth.writer import StudyTask, make_study, write_tables
+
+FORMAT_VERSION = 1
+
+
+def study_ids(seed: int, n: int) -> list[int]:
+    """Unique numeric study ids (7-10 digits, like the real ones), deterministic per seed."""
+    rng = np.random.default_rng([int(seed), 2**31 - 1])
+    ids: list[int] = []
+    seen: set[int] = set()
+    while len(ids) < n:
+        x = int(rng.integers(1_000_000, 4_290_000_000))
+        if x not in seen:
+            seen.add(x)
+            ids.append(x)
+    return ids
+
+
+_OURS = (
+    "train_images",
+    "test_images",
+    "truth",
+    "train.csv",
+    "train_label_coordinates.csv",
+    "train_series_descriptions.csv",
+    "test_series_descriptions.csv",
+    "sample_submission.csv",
+    "preview.png",
+)
+
+
+def _prepare(out: Path) -> None:
+    """Create `out`; replace a previous phantom there, never anything else.
+
+    Stale study folders of an earlier run would otherwise mix into the new dataset.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "truth" / "synth.json").is_file():
+            raise FileExistsError(
+                f"{out} is not empty and holds no phantom (truth/synth.json); "
+                "choose an empty or new folder"
+            )
+        for name in _OURS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    *,
+    train_studies: int,
+    test_studies: int,
+    size: int,
+    seed: int,
+    workers: int = 1,
+    coords_fraction: float = 0.7,
+    progress: bool = True,
+) -> Path:
+    """Write a phantom dataset to `out_dir` (created) and return its path.
+
+    `size` is the sagittal matrix in pixels (axial ~3/4 of it); 64 for tests, 256-512 for
+    realism. `coords_fraction` is the share of train studies with coordinates. Same arguments ->
+    byte-identical files, for any `workers`. A previous phantom in `out_dir` is replaced; any
+    other non-empty folder raises FileExistsError. Raises RuntimeError naming the studies that
+    failed (after every other study is written).
+    """
+    if train_studies < 0 or test_studies < 0 or train_studies + test_studies == 0:
+        raise ValueError("need at least one study (train_studies + test_studies > 0)")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 px, got {size}")
+    if not 0.0 <= coords_fraction <= 1.0:
+        raise ValueError(f"coords_fraction must be in [0, 1], got {coords_fraction}")
+    out = Path(out_dir)
+    _prepare(out)
+    n = train_studies + test_studies
+    ids = study_ids(seed, n)
+    tasks = []
+    for i in range(n):
+        split = "train" if i < train_studies else "test"
+        coin = np.random.default_rng([int(seed), i, 6]).random()
+        tasks.append(
+            StudyTask(
+                str(out), int(seed), i, ids[i], split, int(size), bool(coin < coords_fraction)
+            )
+        )
+    results, failures = [], []
+    for outcome in parallel_map(
+        make_study, tasks, workers=workers, desc="synth studies", progress=progress
+    ):
+        if outcome.ok:
+            results.append(outcome.result)
+        else:
+            failures.append(
+                f"study {outcome.item.study_id} (index {outcome.item.index}): {outcome.error}"
+            )
+    if failures:
+        raise RuntimeError(f"{len(failures)} phantom studies failed:\n" + "\n".join(failures))
+    write_tables(out, results)
+    atomic_write_text(
+        out / "truth" / "synth.json",
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "train_studies": train_studies,
+                "test_studies": test_studies,
+                "size": size,
+                "seed": seed,
+                "coords_fraction": coords_fraction,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n",
+    )
+    return out
+
+
+__all__ = ["generate_dataset", "study_ids"]
