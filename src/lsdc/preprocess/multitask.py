@@ -1,0 +1,548 @@
+"""Multitask preprocessing (DESIGN §4, multitask step 2): 3-slice crops per task, with keypoints.
+
+For every series type and slice-relevance task (a condition on sagittal series, a level on the
+axial series) one *crop*: the selected slice and its two neighbours (clamped at the stack ends, in
+position order), cropped to the region of interest (sagittal: `sagittal_roi` of the series
+itself; axial: the `AxialRoi` fitted on training coordinates), resized to `crop_size`, with every
+known coordinate of the task mapped into the crop and masked when missing or outside.
+
+The selected slice is, per task: the labelled slice (training, `selection.prefer_labelled`), else
+the slice predicted by a slice-relevance run, else (only when configured) the middle slice. Where
+that differs from the slice a point was labelled on, the point keeps its in-plane position (same
+series) or is projected through patient space (another series of the type); the offset in slices
+is kept (`keypoint_slice_offset`).
+
+Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
+`<series slug>__<task>`, arrays `<key>__<field>`:
+  image (3, size, size) float16 in [0, 1]   slice_indices (3,) int64   instance_numbers (3,) int64
+  keypoints (K, 2) float32 crop x/y, NaN when missing    keypoint_mask (K,) bool (known and inside)
+  keypoint_native (K, 2) float32 x/y on the series grid   keypoint_slice_offset (K,) int64
+  window (4,) int64 y0 y1 x0 x1 on the series grid        volume_shape (3,) int64
+  positions (3, 3), orientations (3, 6), pixel_spacing (2,) float64: geometry of the 3 slices
+  present () bool: False when the study lacks the series type (all arrays then zero / masked)
+and in the meta, per crop: key, series type, task, keypoint names, series id, selection source.
+`load_multitask_study` reads it back as `TaskCrop` objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lsdc.config import config_to_dict, load_config
+from lsdc.constants import AXIAL_T2, CONDITION_SERIES, LEVELS, SERIES_TYPES
+from lsdc.preprocess.cache import CacheRunReport, StudyCache
+from lsdc.preprocess.crops import (
+    AxialRoi,
+    SagittalRoiConfig,
+    crop_and_resize,
+    fit_axial_roi,
+    map_points_to_crop,
+    sagittal_roi,
+)
+from lsdc.preprocess.slice_relevance import (
+    dataset_descriptions,
+    middle_slice,
+    normalise_volume,
+    series_slug,
+    task_of,
+    tasks_for,
+)
+
+PIPELINE = "multitask"
+# Layout version of the cache files; part of the configuration hash, so a cache written with
+# another layout is refused instead of mixed. Bump on any change of arrays or meta.
+CACHE_FORMAT = 1
+SOURCES = ("labelled", "predicted", "middle")
+
+
+@dataclass
+class SelectionConfig:
+    """Which slice each crop is centred on."""
+
+    prefer_labelled: bool = True  # training: the labelled slice where the study has coordinates
+    # A task with neither a label nor a prediction: "error" (the study fails, reported),
+    # "middle" (the middle slice; recorded as source "middle" in the cache) or "absent" (the
+    # crop is stored as missing, like a missing series type: present=False, all masked).
+    without_prediction: str = "error"
+    neighbours: int = 1  # slices on each side of the selected one (1 -> 3 slices)
+
+
+@dataclass
+class MultitaskConfig:
+    """`lsdc preprocess --pipeline multitask` configuration (dotted overrides, e.g.
+    `crop_size=96 selection.without_prediction=middle`)."""
+
+    crop_size: int = 128
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    sagittal_roi: SagittalRoiConfig = field(default_factory=SagittalRoiConfig)
+    # Used only when neither a relevance run nor training coordinates provide the statistics.
+    default_axial_roi: AxialRoi = field(default_factory=AxialRoi)
+
+
+def keypoint_names(series_type: str, task: str) -> tuple[tuple[str, str], ...]:
+    """(condition, level) of every keypoint of a task: five levels of a sagittal condition; the
+    left and right subarticular points of an axial level."""
+    if series_type == AXIAL_T2:
+        return tuple((c, task) for c, t in CONDITION_SERIES.items() if t == AXIAL_T2)
+    return tuple((task, level) for level in LEVELS)
+
+
+def crop_key(series_type: str, task: str) -> str:
+    return f"{series_slug(series_type)}__{task}"
+
+
+# --------------------------------------------------------------------------- read back
+
+
+@dataclass
+class TaskCrop:
+    """One cached crop: 3 slices of one task, its keypoints and the geometry to map back."""
+
+    key: str
+    series_type: str
+    task: str
+    present: bool
+    source: str | None  # labelled | predicted | middle | None (series type absent)
+    series_id: int | None
+    image: np.ndarray  # (3, size, size) float32 in [0, 1]
+    slice_indices: np.ndarray  # (3,)
+    instance_numbers: np.ndarray  # (3,)
+    keypoint_names: list[str]  # "<condition>_<level>", the target names
+    keypoints: np.ndarray  # (K, 2) crop x/y, NaN when missing
+    keypoint_mask: np.ndarray  # (K,) bool
+    keypoint_native: np.ndarray  # (K, 2) x/y on the series grid
+    keypoint_slice_offset: np.ndarray  # (K,)
+    window: tuple[int, int, int, int]
+    volume_shape: tuple[int, int, int]
+    positions: np.ndarray  # (3, 3) ImagePositionPatient of each slice
+    orientations: np.ndarray  # (3, 6) ImageOrientationPatient of each slice
+    pixel_spacing: np.ndarray  # (2,)
+
+    def to_native(self, points_xy: np.ndarray) -> np.ndarray:
+        """Crop x/y points (N, 2) -> x/y on the series grid (the native image unless the
+        reader resampled the slice)."""
+        from lsdc.preprocess.crops import map_points_from_crop
+
+        return map_points_from_crop(points_xy, self.window, self.image.shape[-2:])
+
+
+def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[TaskCrop]:
+    """All crops of one study from a multitask cache, in series-type then task order."""
+    if not isinstance(cache, StudyCache):
+        cache = StudyCache.open(cache)
+    arrays, meta = cache.load(study_id)
+    out = []
+    for m in meta["crops"]:
+        k = m["key"]
+
+        def a(name: str, k: str = k) -> np.ndarray:
+            return arrays[f"{k}__{name}"]
+
+        out.append(
+            TaskCrop(
+                key=k,
+                series_type=m["series_type"],
+                task=m["task"],
+                present=bool(a("present")),
+                source=m["source"],
+                series_id=m["series_id"],
+                image=a("image").astype(np.float32),
+                slice_indices=a("slice_indices"),
+                instance_numbers=a("instance_numbers"),
+                keypoint_names=list(m["keypoint_names"]),
+                keypoints=a("keypoints"),
+                keypoint_mask=a("keypoint_mask"),
+                keypoint_native=a("keypoint_native"),
+                keypoint_slice_offset=a("keypoint_slice_offset"),
+                window=tuple(int(v) for v in a("window")),  # type: ignore[arg-type]
+                volume_shape=tuple(int(v) for v in a("volume_shape")),  # type: ignore[arg-type]
+                positions=a("positions"),
+                orientations=a("orientations"),
+                pixel_spacing=a("pixel_spacing"),
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- one study
+
+
+@dataclass(frozen=True)
+class _Label:
+    series_id: int
+    instance_number: int
+    condition: str
+    level: str
+    x: float
+    y: float
+
+
+def _select(
+    study: Any,
+    series_type: str,
+    task: str,
+    labels: Sequence[_Label],
+    predictions: Mapping[int, Mapping[str, Any]],
+    cfg: MultitaskConfig,
+) -> tuple[Any, int, str, float | None] | None:
+    """(series, centre slice index, source, probability) of one task, or None when the study
+    has no series of the type (or no slice for the task, with `without_prediction="absent"`).
+    Raises when no slice can be chosen and that is configured."""
+    candidates = study.of_type(series_type)
+    if not candidates:
+        return None
+    by_id = {int(s.series_id): s for s in candidates}
+    if cfg.selection.prefer_labelled:
+        idx_by_series: dict[int, list[int]] = {}
+        for lab in labels:
+            if task_of(series_type, lab.condition, lab.level) != task:
+                continue
+            s = by_id.get(lab.series_id)
+            if s is None:
+                continue
+            try:
+                idx_by_series.setdefault(lab.series_id, []).append(
+                    s.slice_index(lab.instance_number)
+                )
+            except KeyError:
+                continue
+        if idx_by_series:
+            # The series with most labels of the task; the median of its labelled slices
+            # (the five spinal levels normally share one mid-sagittal slice).
+            sid = max(idx_by_series, key=lambda k: (len(idx_by_series[k]), -k))
+            centre = int(np.round(np.median(idx_by_series[sid])))
+            return by_id[sid], centre, "labelled", None
+    best = None
+    for sid, s in by_id.items():
+        p = predictions.get(sid, {}).get(task)
+        if p is not None and (best is None or p.probability > best[1].probability):
+            best = (s, p)
+    if best is not None:
+        return best[0], int(best[1].slice_index), "predicted", float(best[1].probability)
+    if cfg.selection.without_prediction == "middle":
+        s = candidates[0]
+        return s, middle_slice(s.num_slices), "middle", None
+    if cfg.selection.without_prediction == "absent":
+        return None
+    raise ValueError(
+        f"study {study.study_id}: no labelled or predicted slice for {series_type} / {task} "
+        "(pass a slice-relevance run, or set selection.without_prediction=middle|absent)"
+    )
+
+
+def _keypoints(
+    study: Any,
+    series: Any,
+    centre: int,
+    names: Sequence[tuple[str, str]],
+    labels: Sequence[_Label],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints (K, 2) on the grid of `series` (NaN when unknown) and their slice offsets."""
+    from lsdc.geometry import project_point
+
+    by_id = {int(s.series_id): s for s in study.series}
+    lookup = {(lab.condition, lab.level): lab for lab in labels}
+    pts = np.full((len(names), 2), np.nan)
+    offsets = np.zeros(len(names), dtype=np.int64)
+    for k, name in enumerate(names):
+        lab = lookup.get(name)
+        src = by_id.get(lab.series_id) if lab is not None else None
+        if lab is None or src is None:
+            continue
+        try:
+            li = src.slice_index(lab.instance_number)
+        except KeyError:
+            continue
+        col, row = src.native_to_volume(li, lab.x, lab.y)
+        if src is series:
+            pts[k] = (col, row)
+            offsets[k] = li - centre
+        else:
+            hit = project_point(src, li, col, row, series)
+            pts[k] = (hit.col, hit.row)
+            offsets[k] = hit.slice_index - centre
+    return pts, offsets
+
+
+def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
+    """The arrays of a missing crop: same shapes as a present one, zero and masked."""
+    return {
+        "image": np.zeros((slices, size, size), np.float16),
+        "slice_indices": np.full(slices, -1, np.int64),
+        "instance_numbers": np.full(slices, -1, np.int64),
+        "keypoints": np.full((k, 2), np.nan, np.float32),
+        "keypoint_mask": np.zeros(k, bool),
+        "keypoint_native": np.full((k, 2), np.nan, np.float32),
+        "keypoint_slice_offset": np.zeros(k, np.int64),
+        "window": np.zeros(4, np.int64),
+        "volume_shape": np.zeros(3, np.int64),
+        "positions": np.zeros((slices, 3)),
+        "orientations": np.zeros((slices, 6)),
+        "pixel_spacing": np.zeros(2),
+        "present": np.array(False),
+    }
+
+
+def build_study(
+    study_id: int,
+    *,
+    data_dir: Path,
+    split: str,
+    axial_roi: AxialRoi,
+    relevance_run: Path | None,
+    cfg: MultitaskConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Cache builder of one study (see the module docstring for the arrays). Coordinates are
+    used on the train split only, so test studies never see labels."""
+    from lsdc.io.study import load_study
+
+    descriptions = dataset_descriptions(str(data_dir), split).get(study_id)
+    study = load_study(data_dir, study_id, split=split, descriptions=descriptions)
+    labels = dataset_labels(str(data_dir)) if split == "train" else {}
+    predictions: Mapping[int, Mapping[str, Any]] = {}
+    if relevance_run is not None:
+        from lsdc.preprocess.slice_relevance import predict_slices
+
+        predictions = predict_slices(relevance_run, study)
+    study_labels = labels.get(study_id, ())
+    size = cfg.crop_size
+    n = cfg.selection.neighbours
+    arrays: dict[str, np.ndarray] = {}
+    crops_meta = []
+    norm_cache: dict[int, np.ndarray] = {}
+    window_cache: dict[int, tuple[int, int, int, int]] = {}
+    for st in SERIES_TYPES:
+        for task in tasks_for(st):
+            key = crop_key(st, task)
+            names = keypoint_names(st, task)
+            chosen = _select(study, st, task, study_labels, predictions, cfg)
+            item = _empty_crop(size, len(names), 2 * n + 1)
+            meta = {
+                "key": key,
+                "series_type": st,
+                "task": task,
+                "keypoint_names": [f"{c}_{lv}" for c, lv in names],
+                "series_id": None,
+                "source": None,
+                "probability": None,
+            }
+            if chosen is not None:
+                series, centre, source, prob = chosen
+                sid = int(series.series_id)
+                if sid not in norm_cache:
+                    norm_cache[sid] = normalise_volume(series.volume)
+                    window_cache[sid] = (
+                        axial_roi.window(series.volume.shape[1:])
+                        if st == AXIAL_T2
+                        else sagittal_roi(series.volume, cfg.sagittal_roi)
+                    )
+                window = window_cache[sid]
+                idx = np.clip(np.arange(centre - n, centre + n + 1), 0, series.num_slices - 1)
+                image = crop_and_resize(norm_cache[sid][idx], window, size)
+                native, offsets = _keypoints(study, series, centre, names, study_labels)
+                pts, inside = map_points_to_crop(native, window, size)
+                item.update(
+                    image=np.clip(image, 0.0, 1.0).astype(np.float16),
+                    slice_indices=idx.astype(np.int64),
+                    instance_numbers=series.instance_numbers[idx].astype(np.int64),
+                    keypoints=pts.astype(np.float32),
+                    keypoint_mask=inside,
+                    keypoint_native=native.astype(np.float32),
+                    keypoint_slice_offset=offsets,
+                    window=np.asarray(window, np.int64),
+                    volume_shape=np.asarray(series.volume.shape, np.int64),
+                    positions=series.positions[idx].astype(np.float64),
+                    orientations=np.stack([series.slice_orientation(int(i)) for i in idx]),
+                    pixel_spacing=np.asarray(series.pixel_spacing, np.float64),
+                    present=np.array(True),
+                )
+                meta.update(series_id=sid, source=source, probability=prob)
+            for name, value in item.items():
+                arrays[f"{key}__{name}"] = value
+            crops_meta.append(meta)
+    return arrays, {
+        "study_id": int(study_id),
+        "split": split,
+        "crops": crops_meta,
+        "series_errors": list(study.errors),
+    }
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def _study_ids(data_dir: Path, split: str, descriptions: Mapping[int, Any]) -> list[int]:
+    folder = data_dir / f"{split}_images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    on_disk = {int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+    # Studies listed without images fail visibly (reported per study) rather than vanish.
+    return sorted(on_disk | set(descriptions))
+
+
+@functools.lru_cache(maxsize=4)
+def dataset_labels(data_dir: str | Path) -> dict[int, list[_Label]]:
+    """Coordinate rows per study (empty when the dataset has no coordinate table); cached per
+    process so pool workers read the table once."""
+    from lsdc.io.tables import read_coordinates
+
+    path = Path(data_dir) / "train_label_coordinates.csv"
+    if not path.exists():
+        return {}
+    coords = read_coordinates(path)
+    out: dict[int, list[_Label]] = {}
+    for r in coords.itertuples(index=False):
+        out.setdefault(int(r.study_id), []).append(
+            _Label(
+                int(r.series_id),
+                int(r.instance_number),
+                str(r.condition),
+                str(r.level),
+                float(r.x),
+                float(r.y),
+            )
+        )
+    return out
+
+
+def axial_roi_from_coordinates(
+    data_dir: str | Path,
+    labels: Mapping[int, Sequence[_Label]] | None = None,
+    split: str = "train",
+) -> AxialRoi:
+    """Fit the `AxialRoi` to the axial label points of a dataset (default: its
+    `train_label_coordinates.csv`), reading each labelled image's size from its DICOM header
+    (one header per labelled file)."""
+    from lsdc.io.dicom import read_header
+
+    data_dir = Path(data_dir)
+    if labels is None:
+        labels = dataset_labels(str(data_dir))
+    axial = {c for c, t in CONDITION_SERIES.items() if t == AXIAL_T2}
+    shapes: dict[Path, tuple[int, int]] = {}
+    pts = []
+    for sid, labs in labels.items():
+        for lab in labs:
+            if lab.condition not in axial:
+                continue
+            path = data_dir / f"{split}_images" / str(sid) / str(lab.series_id)
+            path = path / f"{lab.instance_number}.dcm"
+            if path not in shapes:
+                try:
+                    h = read_header(path)
+                except Exception:  # noqa: BLE001 - a missing file only loses one statistic
+                    continue
+                shapes[path] = (h.rows, h.cols)
+            rows, cols = shapes[path]
+            pts.append((lab.x / cols, lab.y / rows))
+    if not pts:
+        raise ValueError(f"{data_dir}: no readable axial coordinates to fit the axial ROI")
+    return fit_axial_roi(np.asarray(pts))
+
+
+def _run_fingerprint(run: Path) -> str:
+    """A hash of the files of a slice-relevance run that decide its predictions."""
+    h = hashlib.sha256()
+    files = [run / "config.yaml", run / "axial_roi.json", *sorted(run.glob("models/*/*"))]
+    for f in files:
+        if f.is_file():
+            h.update(f.relative_to(run).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def preprocess_dataset(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    *,
+    split: str = "train",
+    workers: int = 1,
+    overrides: Sequence[str] = (),
+    relevance_run: str | Path | None = None,
+    progress: bool = True,
+    study_ids: Sequence[int] | None = None,
+) -> CacheRunReport:
+    """Preprocess `data_dir/<split>_images` into a multitask cache at `cache_dir`.
+
+    The axial ROI comes from `relevance_run` (its `axial_roi.json`), else from the training
+    coordinates of `data_dir`, else from `default_axial_roi`; it is saved as
+    `cache_dir/axial_roi.json` and is part of the configuration hash, as is the relevance run.
+    Reruns skip finished studies; a run killed midway resumes. `study_ids` restricts the run.
+    """
+    data_dir = Path(data_dir)
+    cfg = load_config(MultitaskConfig, None, overrides)
+    if cfg.selection.without_prediction not in ("error", "middle", "absent"):
+        raise ValueError(
+            "selection.without_prediction must be 'error', 'middle' or 'absent', "
+            f"not {cfg.selection.without_prediction!r}"
+        )
+    descriptions = dataset_descriptions(str(data_dir), split)
+    ids = list(study_ids) if study_ids is not None else _study_ids(data_dir, split, descriptions)
+    labels = dataset_labels(str(data_dir)) if split == "train" else {}
+
+    run = Path(relevance_run).resolve() if relevance_run is not None else None
+    if run is not None:
+        from lsdc.preprocess.slice_relevance import load_axial_roi
+
+        axial_roi, roi_source = load_axial_roi(run), "relevance_run"
+    elif labels:
+        axial_roi, roi_source = axial_roi_from_coordinates(data_dir, labels), "coordinates"
+    else:
+        axial_roi, roi_source = cfg.default_axial_roi, "default"
+    if run is None and cfg.selection.without_prediction == "error":
+        unlabelled = [s for s in ids if s not in labels or not cfg.selection.prefer_labelled]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} of {len(ids)} studies in {data_dir / f'{split}_images'} have "
+                "no labelled slices (e.g. study "
+                f"{unlabelled[0]}); pass --relevance-run RUN_DIR or "
+                "selection.without_prediction=middle|absent"
+            )
+
+    config = {
+        **config_to_dict(cfg),
+        "format": CACHE_FORMAT,
+        "split": split,
+        "axial_roi": axial_roi.to_dict(),
+        "axial_roi_source": roi_source,
+        "relevance_run": _run_fingerprint(run) if run is not None else None,
+    }
+    cache = StudyCache(cache_dir, PIPELINE, config)
+    axial_roi.save(Path(cache_dir) / "axial_roi.json")
+    build = functools.partial(
+        build_study,
+        data_dir=data_dir,
+        split=split,
+        axial_roi=axial_roi,
+        relevance_run=run,
+        cfg=cfg,
+    )
+    if run is not None:
+        from lsdc.preprocess.slice_relevance import fork_safe_workers
+
+        workers = fork_safe_workers(workers, "multitask preprocessing")
+    return cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+
+
+def coordinate_table(cache: StudyCache | str | Path) -> pd.DataFrame:
+    """One row per cached keypoint (study, crop key, name, crop x/y, mask): for checks/plots."""
+    if not isinstance(cache, StudyCache):
+        cache = StudyCache.open(cache)
+    rows = []
+    for sid in cache.study_ids():
+        for c in load_multitask_study(cache, sid):
+            for name, (x, y), ok in zip(
+                c.keypoint_names, c.keypoints, c.keypoint_mask, strict=True
+            ):
+                rows.append(
+                    {"study_id": sid, "key": c.key, "name": name, "x": x, "y": y, "valid": ok}
+                )
+    return pd.DataFrame(rows)
