@@ -1,0 +1,118 @@
+"""timm feature extractors: image batch (N, C, H, W) -> pooled features (N, num_features).
+
+Pretrained weights are loaded only from what the user has: a local file (`pretrained_path`,
+.safetensors or a torch state dict) or timm's hub cache. Offline without a file, asking for
+pretrained weights fails at once with a clear message instead of hanging on a download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """pretrained=True but no local weights file and the hub is unreachable (offline)."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Some published files wrap the weights ({"state_dict": ...} or {"model": ...}).
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+class Backbone(nn.Module):
+    """A timm model without classifier; `num_features` is the width of what `forward` returns."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # timm: `head_hidden_size` is the real pooled width when a model keeps a head conv after
+        # pooling (MobileNetV3: 1024 vs num_features 288); otherwise num_features.
+        self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, C, H, W) -> (N, num_features)
+        return self.model(x)
+
+
+def create_backbone(
+    name: str,
+    in_chans: int = 1,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+    drop_path_rate: float = 0.0,
+) -> Backbone:
+    """A pooled timm feature extractor (no classifier) taking `in_chans` channels."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}")
+    kwargs: dict[str, object] = {"num_classes": 0, "in_chans": in_chans}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if pretrained_path is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        state = load_state_dict_file(pretrained_path)
+        _load_pretrained_into(model, state, in_chans, pretrained_path)
+        return Backbone(model)
+    if pretrained:
+        if _hub_offline():
+            raise PretrainedWeightsUnavailable(
+                f"pretrained weights for {name!r} requested but HF_HUB_OFFLINE is set and no "
+                "local file was given; pass pretrained_path=<file.safetensors> or "
+                "pretrained=False to train from scratch"
+            )
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # network or missing-weights errors from timm/huggingface_hub
+            raise PretrainedWeightsUnavailable(
+                f"could not load pretrained weights for {name!r}: {exc}"
+            ) from exc
+        return Backbone(model)
+    return Backbone(timm.create_model(name, pretrained=False, **kwargs))
+
+
+def _load_pretrained_into(
+    model: nn.Module, state: dict[str, torch.Tensor], in_chans: int, path: str | Path
+) -> None:
+    """Load weights, adapting the first conv to `in_chans` and dropping the classifier."""
+    from timm.models import adapt_input_conv
+
+    own = model.state_dict()
+    fitted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            continue  # classifier and other heads of the published model
+        if value.shape != own[key].shape and value.ndim == 4 and value.shape[1] != in_chans:
+            value = adapt_input_conv(in_chans, value)
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"{path}: weight {key} has shape {tuple(value.shape)}, "
+                f"model expects {tuple(own[key].shape)}"
+            )
+        fitted[key] = value
+    missing = sorted(k for k in set(own) - set(fitted) if not k.endswith("num_batches_tracked"))
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} backbone weights missing, e.g. {missing[:3]}")
+    model.load_state_dict(fitted, strict=False)

@@ -1,0 +1,517 @@
+"""The one training engine (Lightning), shared by every model family.
+
+A model family hands over a `TrainTask`: study ids and labels, a model builder (registry name and
+keyword config), a dataset factory and collate function, and optionally its own loss. The
+engine does the rest, identically for every family:
+
+run folder
+  config.yaml          the resolved configuration of the task (written by the caller)
+  run.json             task name, model name and kwargs, folds, cache: what inference needs
+  folds.csv            study-wise stratified folds
+  fold<k>/checkpoints/ last.ckpt (resume) and best.ckpt (lowest val_loss), Lightning format,
+                       loadable with weights_only=True
+  fold<k>/model.safetensors  the kept weights of the fold (`keep`; what `Predictor` loads)
+  fold<k>/history.json per-epoch train/val loss, val score, learning rate
+  fold<k>/result.json  written last: the fold is complete (a rerun skips it)
+  oof.csv, oof.npz     out-of-fold probabilities as a submission table / arrays
+  summary.json         OOF score with its four terms, the class-prior score on the same rows
+  curves.png           training curves of every fold
+
+An interrupted run resumes: finished folds are skipped, an unfinished fold continues from its
+`last.ckpt` (model, optimiser, scheduler and loop state).
+
+Model contract: `model(batch) -> {"logits": (B, 25, 3), ...}`; batches are dicts holding at
+least `labels` (B, 25) int (-1 = unlabelled) and `study_id` (B,).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lsdc.constants import SEVERITIES, TARGETS
+from lsdc.fileio import atomic_write_json, atomic_write_text, save_npz
+from lsdc.training.folds import FOLDS_FILE, load_folds, make_folds, save_folds
+from lsdc.training.losses import LossConfig, metric_loss
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.safetensors"
+
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class EngineConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    folds: int = 5
+    # Train only these folds (None = all); OOF covers the trained folds' validation studies.
+    train_folds: list[int] | None = None
+    seed: int = 42
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1  # linear warm-up share of all steps, then cosine decay to 0
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+    num_workers: int = 0
+    accelerator: str = "auto"  # auto | cpu | gpu
+    precision: str = "auto"  # auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
+    progress_bar: bool = True
+    # Which weights a fold keeps (and predicts its OOF with): "best" = the epoch of lowest
+    # val_loss (chosen on the fold's own validation studies, so its OOF is slightly optimistic),
+    # "last" = the final epoch (an unbiased OOF for a fixed schedule).
+    keep: str = "best"
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class TrainTask:
+    """What a model family gives the engine."""
+
+    name: str  # e.g. "sequence"; stored in run.json so inference knows the family
+    model_name: str  # registry name
+    model_kwargs: dict[str, Any]
+    study_ids: list[int]
+    labels: np.ndarray  # (n, 25) int, -1 = unlabelled, aligned with study_ids
+    make_dataset: Callable[[list[int], bool], Dataset]  # (study ids, train?) -> dataset
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    loss_fn: LossFn | None = None  # default: metric_loss on outputs["logits"]
+    extra: dict[str, Any] = field(default_factory=dict)  # stored in run.json (e.g. cache path)
+
+
+@dataclass
+class CVResult:
+    run_dir: Path
+    study_ids: np.ndarray  # (n,) studies with OOF predictions
+    probs: np.ndarray  # (n, 25, 3)
+    labels: np.ndarray  # (n, 25)
+    score: dict[str, float]
+    prior_score: dict[str, float]
+    fold_seconds: dict[int, float]
+    epoch_seconds: float  # mean wall time of one training epoch (train + validation)
+
+
+# --------------------------------------------------------------------------- Lightning module
+
+
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+def build_lit_module(model: nn.Module, cfg: EngineConfig, loss_fn: LossFn | None) -> Any:
+    """A LightningModule around `model` (created lazily so importing this module stays light)."""
+    L = _lightning()
+
+    class LitModel(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def _loss(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+            if loss_fn is not None:
+                return loss_fn(out, batch)
+            return metric_loss(out["logits"], batch["labels"], cfg.loss)
+
+        def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self.model(batch)
+
+        def on_train_epoch_start(self) -> None:
+            # New random augmentation each epoch, reproducibly.
+            ds = self.trainer.train_dataloader.dataset
+            if hasattr(ds, "set_epoch"):
+                ds.set_epoch(self.current_epoch)
+
+        def training_step(self, batch, batch_idx):
+            losses = self._loss(self.model(batch), batch)
+            bs = batch["labels"].shape[0]
+            self.log("train_loss", losses["loss"], on_step=False, on_epoch=True, batch_size=bs)
+            return losses["loss"]
+
+        def validation_step(self, batch, batch_idx):
+            out = self.model(batch)
+            losses = self._loss(out, batch)
+            bs = batch["labels"].shape[0]
+            self.log("val_loss", losses["loss"], on_epoch=True, batch_size=bs, prog_bar=True)
+            probs = out["logits"].float().softmax(-1)
+            self._val.append((probs.detach().cpu(), batch["labels"].detach().cpu()))
+
+        def on_validation_epoch_end(self) -> None:
+            if not self._val:
+                return
+            probs = torch.cat([p for p, _ in self._val]).numpy()
+            labels = torch.cat([y for _, y in self._val]).numpy()
+            self._val.clear()
+            self.log("val_score", _safe_score(labels, probs)["score"], prog_bar=True)
+
+        def predict_step(self, batch, batch_idx):
+            out = self.model(batch)
+            return batch["study_id"].cpu(), out["logits"].float().softmax(-1).cpu()
+
+        def configure_optimizers(self):
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                # norms, biases and embeddings are not weight-decayed
+                (no_decay if p.ndim <= 1 or "embed" in name or "token" in name else decay).append(p)
+            opt = torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": cfg.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=cfg.lr,
+            )
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = int(cfg.warmup_frac * total)
+
+            def schedule(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / (warm + 1)
+                t = (step - warm) / max(1, total - warm)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return LitModel()
+
+
+def _history_callback(path: Path) -> Any:
+    """Writes fold history (one entry per epoch, replaced on resume) and epoch wall times."""
+    L = _lightning()
+
+    class History(L.Callback):
+        def __init__(self) -> None:
+            self.entries: list[dict[str, float]] = (
+                json.loads(path.read_text()) if path.exists() else []
+            )
+            self.t0 = 0.0
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            # Runs after the epoch's validation in Lightning 2.x, so val metrics are present.
+            if trainer.sanity_checking:
+                return
+            m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            epoch = int(trainer.current_epoch)
+            entry = {
+                "epoch": epoch,
+                "train_loss": m.get("train_loss", float("nan")),
+                "val_loss": m.get("val_loss", float("nan")),
+                "val_score": m.get("val_score", float("nan")),
+                "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - self.t0,
+            }
+            self.entries = [e for e in self.entries if e["epoch"] != epoch] + [entry]
+            atomic_write_text(path, json.dumps(self.entries, indent=1) + "\n")
+
+    return History()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _safe_score(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The official score; NaN terms where a group has no labelled rows."""
+    from lsdc.metrics import score_arrays
+
+    return score_arrays(labels, probs)
+
+
+def class_prior(labels: np.ndarray) -> np.ndarray:
+    """Per-target class frequencies (25, 3) of labelled rows (uniform where none)."""
+    labels = np.asarray(labels)
+    prior = np.ones((len(TARGETS), len(SEVERITIES)))  # +1 smoothing: never a zero probability
+    for c in range(len(SEVERITIES)):
+        prior[:, c] += (labels == c).sum(axis=0)
+    return prior / prior.sum(axis=1, keepdims=True)
+
+
+def resolve_precision(cfg: EngineConfig) -> tuple[str, str]:
+    """(accelerator, precision) from 'auto' settings and the hardware present."""
+    accel = cfg.accelerator
+    if accel == "auto":
+        accel = "gpu" if torch.cuda.is_available() else "cpu"
+    precision = cfg.precision
+    if precision == "auto":
+        if accel == "gpu":
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            precision = "32-true"
+    return accel, precision
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a Lightning checkpoint, read with weights_only=True (no pickle of
+    arbitrary objects); keys without the wrapper's `model.` prefix."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def save_model_weights(model: nn.Module, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def _loader(ds: Dataset, cfg: EngineConfig, collate, *, train: bool) -> DataLoader:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        drop_last=train and len(ds) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        collate_fn=collate,
+        generator=gen if train else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _train_fold(
+    task: TrainTask,
+    cfg: EngineConfig,
+    fold_dir: Path,
+    train_ids: list[int],
+    val_ids: list[int],
+    callbacks: Sequence[Any] = (),
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Train (or resume) one fold; returns (val study ids, val probs (n, 25, 3), mean epoch s)."""
+    L = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lsdc.models.registry import build_model
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt_dir = fold_dir / "checkpoints"
+    model = build_model(task.model_name, **task.model_kwargs)
+    lit = build_lit_module(model, cfg, task.loss_fn)
+    accel, precision = resolve_precision(cfg)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    history = _history_callback(fold_dir / "history.json")
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=accel,
+        devices=1,
+        precision=precision,
+        gradient_clip_val=cfg.grad_clip or None,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        callbacks=[checkpoint, history, *callbacks],
+        logger=False,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=fold_dir,
+        deterministic=False,
+    )
+    train_dl = _loader(task.make_dataset(train_ids, True), cfg, task.collate, train=True)
+    val_dl = _loader(task.make_dataset(val_ids, False), cfg, task.collate, train=False)
+    last = ckpt_dir / "last.ckpt"
+    resume = last if last.exists() else None
+    trainer.fit(lit, train_dl, val_dl, ckpt_path=resume, weights_only=True)
+
+    best = ckpt_dir / "best.ckpt"
+    chosen = best if cfg.keep == "best" and best.exists() else last
+    model.load_state_dict(load_checkpoint_state(chosen))
+    save_model_weights(model, fold_dir / MODEL_FILE)
+    # Predict with the best weights on the validation studies (the OOF of this fold).
+    outputs = trainer.predict(lit, val_dl)
+    ids = torch.cat([o[0] for o in outputs]).numpy()
+    probs = torch.cat([o[1] for o in outputs]).numpy().astype(np.float64)
+    entries = history.entries
+    epoch_s = float(np.mean([e["seconds"] for e in entries])) if entries else float("nan")
+    return ids, probs, epoch_s
+
+
+def run_cross_validation(
+    run_dir: str | Path, task: TrainTask, cfg: EngineConfig, callbacks: Sequence[Any] = ()
+) -> CVResult:
+    """Train every (selected) fold of `task` into `run_dir`, resuming what was done; write OOF
+    predictions, their score, the class-prior score on the same rows and the curves.
+    `callbacks`: extra Lightning callbacks for every fold's Trainer."""
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"engine.keep must be 'best' or 'last', got {cfg.keep!r}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ids = np.asarray(task.study_ids, np.int64)
+    labels = np.asarray(task.labels, np.int64)
+    if labels.shape != (len(ids), len(TARGETS)):
+        raise ValueError(f"labels must be ({len(ids)}, {len(TARGETS)}), got {labels.shape}")
+
+    folds_path = run_dir / FOLDS_FILE
+    if folds_path.exists():
+        saved = load_folds(folds_path)
+        if set(saved) != set(ids.tolist()):
+            raise ValueError(
+                f"{folds_path}: folds were made for other studies; use a new run folder"
+            )
+        folds = np.asarray([saved[int(s)] for s in ids])
+    else:
+        folds = make_folds(ids.tolist(), labels, cfg.folds, cfg.seed)
+        save_folds(folds_path, ids.tolist(), folds)
+    n_folds = int(folds.max()) + 1
+    selected = list(range(n_folds)) if cfg.train_folds is None else list(cfg.train_folds)
+    bad = [k for k in selected if not 0 <= k < n_folds]
+    if bad:
+        raise ValueError(f"train_folds {bad} outside 0..{n_folds - 1}")
+
+    atomic_write_json(
+        run_dir / RUN_FILE,
+        {
+            "task": task.name,
+            "model_name": task.model_name,
+            "model_kwargs": task.model_kwargs,
+            "folds": selected,
+            "n_folds": n_folds,
+            "model_file": MODEL_FILE,
+            **task.extra,
+        },
+    )
+
+    oof_ids, oof_probs, fold_seconds, epoch_seconds = [], [], {}, []
+    for k in selected:
+        fold_dir = run_dir / f"fold{k}"
+        fold_dir.mkdir(exist_ok=True)
+        done = fold_dir / "result.json"
+        if done.exists() and (fold_dir / "oof.npz").exists():
+            from lsdc.fileio import load_npz
+
+            arrays, meta = load_npz(fold_dir / "oof.npz")
+            vids, vprobs, secs = arrays["study_ids"], arrays["probs"], meta["epoch_seconds"]
+            fold_seconds[k] = float(json.loads(done.read_text())["seconds"])
+        else:
+            t0 = time.perf_counter()
+            train_ids = ids[folds != k].tolist()
+            val_ids = ids[folds == k].tolist()
+            vids, vprobs, secs = _train_fold(task, cfg, fold_dir, train_ids, val_ids, callbacks)
+            fold_seconds[k] = time.perf_counter() - t0
+            save_npz(
+                fold_dir / "oof.npz", {"study_ids": vids, "probs": vprobs}, {"epoch_seconds": secs}
+            )
+            atomic_write_json(
+                done, {"fold": k, "seconds": fold_seconds[k], "val_studies": len(vids)}
+            )
+        oof_ids.append(vids)
+        oof_probs.append(vprobs)
+        epoch_seconds.append(secs)
+
+    all_ids = np.concatenate(oof_ids)
+    probs = np.concatenate(oof_probs)
+    pos = {int(s): i for i, s in enumerate(ids)}
+    oof_labels = labels[[pos[int(s)] for s in all_ids]]
+    # Class prior of each fold's training rows, applied to its validation rows: the baseline
+    # that the model must beat on exactly the same rows.
+    prior = np.concatenate(
+        [
+            np.broadcast_to(class_prior(labels[folds != k]), (int((folds == k).sum()), 25, 3))
+            for k in selected
+        ]
+    )
+    score = _safe_score(oof_labels, probs)
+    prior_score = _safe_score(oof_labels, prior)
+    from lsdc.inference.submission import build_submission, write_submission
+
+    write_submission(build_submission(all_ids, probs), run_dir / "oof.csv")
+    save_npz(run_dir / "oof.npz", {"study_ids": all_ids, "probs": probs, "labels": oof_labels}, {})
+    result = CVResult(
+        run_dir=run_dir,
+        study_ids=all_ids,
+        probs=probs,
+        labels=oof_labels,
+        score=score,
+        prior_score=prior_score,
+        fold_seconds=fold_seconds,
+        epoch_seconds=float(np.nanmean(epoch_seconds)) if epoch_seconds else float("nan"),
+    )
+    atomic_write_json(
+        run_dir / SUMMARY_FILE,
+        {
+            "oof_score": score,
+            "prior_score": prior_score,
+            "studies": len(all_ids),
+            "folds": selected,
+            "fold_seconds": {str(k): v for k, v in fold_seconds.items()},
+            "epoch_seconds": result.epoch_seconds,
+        },
+    )
+    plot_curves(run_dir, selected)
+    return result
+
+
+def plot_curves(run_dir: str | Path, folds: Sequence[int]) -> Path:
+    """curves.png: train/val loss and val score per epoch, one colour per fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    run_dir = Path(run_dir)
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for k in folds:
+        path = run_dir / f"fold{k}" / "history.json"
+        if not path.exists():
+            continue
+        hist = json.loads(path.read_text())
+        ep = [e["epoch"] + 1 for e in hist]
+        color = f"C{k % 10}"
+        ax_loss.plot(
+            ep, [e["train_loss"] for e in hist], "-o", color=color, label=f"fold {k} train"
+        )
+        ax_loss.plot(ep, [e["val_loss"] for e in hist], "--s", color=color, label=f"fold {k} val")
+        ax_score.plot(ep, [e["val_score"] for e in hist], "-o", color=color, label=f"fold {k}")
+    ax_loss.set(xlabel="epoch", ylabel="metric-weighted loss", title="loss")
+    ax_score.set(
+        xlabel="epoch", ylabel="official score (lower is better)", title="validation score"
+    )
+    for ax in (ax_loss, ax_score):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    out = run_dir / "curves.png"
+    tmp = out.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,102 @@
+"""`lsdc train sequence`: the sequence model on a sequence cache, through the shared engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from lsdc.config import config_to_dict, load_config, save_config
+from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
+from lsdc.preprocess.cache import StudyCache
+from lsdc.training.engine import CVResult, EngineConfig, TrainTask, run_cross_validation
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class SequenceModelConfig:
+    """Keyword arguments of `lsdc.models.sequence.SequenceModel` (num_slices comes from the
+    cache)."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    shared_backbone: bool = True
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 2
+    dim_feedforward: int = 512
+    dropout: float = 0.1
+    level_tokens: bool = True
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class SequenceTrainConfig:
+    model: SequenceModelConfig = field(default_factory=SequenceModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _make_dataset(
+    cache_dir: str, augment: AugmentConfig, seed: int, ids: list[int], train: bool
+) -> SequenceDataset:
+    return SequenceDataset(cache_dir, ids, augment=augment if train else None, seed=seed)
+
+
+def sequence_task(cache_dir: str | Path, cfg: SequenceTrainConfig) -> TrainTask:
+    """A `TrainTask` over the labelled studies of a sequence cache."""
+    cache = StudyCache.open(cache_dir)
+    if cache.pipeline != "sequence":
+        raise ValueError(f"{cache_dir}: a {cache.pipeline!r} cache, not a 'sequence' cache")
+    if cache.config.get("split") != "train":
+        raise ValueError(f"{cache_dir}: training needs a train-split cache")
+    all_ids = cache.study_ids()
+    if not all_ids:
+        raise ValueError(f"{cache_dir}: the cache holds no studies")
+    labels = SequenceDataset(cache, all_ids).labels()
+    labelled = (labels >= 0).any(axis=1)
+    ids = [s for s, ok in zip(all_ids, labelled, strict=True) if ok]
+    model_kwargs = {**config_to_dict(cfg.model), "num_slices": int(cache.config["num_slices"])}
+    root = str(Path(cache_dir).resolve())
+    return TrainTask(
+        name="sequence",
+        model_name="sequence",
+        model_kwargs=model_kwargs,
+        study_ids=ids,
+        labels=labels[labelled],
+        make_dataset=partial(_make_dataset, root, cfg.augment, cfg.engine.seed),
+        collate=collate_sequence,
+        extra={"cache_dir": root, "cache_config": cache.config},
+    )
+
+
+def train_sequence(
+    cache_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    folds: int | None = None,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    config_path: str | Path | None = None,
+) -> CVResult:
+    """Cross-validate the sequence model on `cache_dir` into `run_dir` (resumable)."""
+    cfg = load_config(SequenceTrainConfig, config_path, overrides)
+    if folds is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, folds=int(folds))
+    if epochs is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, epochs=int(epochs))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / CONFIG_FILE
+    if saved.exists() and load_config(SequenceTrainConfig, saved) != cfg:
+        # Resuming with other settings would mix two experiments in one run folder.
+        raise ValueError(
+            f"{saved}: this run folder was started with another configuration; "
+            "resume with the same settings or use a new --out folder"
+        )
+    save_config(cfg, saved)
+    return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine)

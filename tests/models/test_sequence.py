@@ -1,0 +1,95 @@
+"""Sequence model: shapes, registry, the missing-series mask, backbones offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsdc.models.backbones import PretrainedWeightsUnavailable, create_backbone
+from lsdc.models.registry import available_models, build_model, register_model
+
+TINY = dict(backbone="test_convnext", d_model=32, num_heads=2, num_layers=1, dim_feedforward=64)
+
+
+def _batch(b=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "images": torch.randn(b, 3, 10, size, size, generator=g),
+        "series_mask": torch.ones(b, 3, dtype=torch.bool),
+    }
+
+
+@pytest.mark.parametrize("level_tokens", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_forward_shapes(level_tokens, shared):
+    model = build_model("sequence", **TINY, level_tokens=level_tokens, shared_backbone=shared)
+    assert len(model.backbones) == (1 if shared else 3)
+    out = model(_batch())
+    assert out["logits"].shape == (2, 25, 3)
+    feats = model.forward_features(**_batch())
+    assert feats["tokens"].shape == (2, 30, 32)
+    assert torch.equal(model.forward_head(feats)["logits"], model.forward_head(feats)["logits"])
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_missing_series_pixels_cannot_change_the_output(train_mode):
+    torch.manual_seed(0)
+    model = build_model("sequence", **TINY, dropout=0.0)
+    model.train(train_mode)
+    batch = _batch(b=3)
+    batch["series_mask"][0, 1] = False
+    batch["series_mask"][2] = torch.tensor([False, False, True])
+    ref = model(batch)["logits"]
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["images"][0, 1] = torch.randn(10, 32, 32) * 50
+    changed["images"][2, :2] = 7.0
+    torch.testing.assert_close(model(changed)["logits"], ref, atol=0, rtol=0)
+    # ...while a present series does change it
+    changed["images"][1, 0] += 1.0
+    assert not torch.allclose(model(changed)["logits"][1], ref[1])
+
+
+def test_study_without_any_series_still_predicts():
+    model = build_model("sequence", **TINY).eval()
+    batch = _batch(b=1)
+    batch["series_mask"][:] = False
+    out = model(batch)["logits"]
+    assert torch.isfinite(out).all()
+
+
+def test_registry_is_unique_and_lists_models():
+    assert "sequence" in available_models()
+    with pytest.raises(KeyError, match="unknown model"):
+        build_model("no-such-model")
+
+    @register_model("_test_dummy")
+    class Dummy(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("_test_dummy")(torch.nn.Linear)
+
+
+def test_backbone_sized_from_num_features():
+    bb = create_backbone("mobilenetv3_small_050", in_chans=1)
+    assert bb(torch.randn(2, 1, 32, 32)).shape == (2, bb.num_features)
+
+
+def test_pretrained_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsUnavailable, match="pretrained_path"):
+        create_backbone("test_convnext", pretrained=True)
+
+
+def test_pretrained_from_local_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_backbone("test_convnext", in_chans=3)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    bb = create_backbone("test_convnext", in_chans=1, pretrained_path=path)
+    # the 3-channel stem was summed into one channel (timm adapt_input_conv); the rest is equal
+    key = next(k for k, v in src.model.state_dict().items() if v.ndim == 4)
+    torch.testing.assert_close(
+        bb.model.state_dict()[key], src.model.state_dict()[key].sum(1, keepdim=True)
+    )

@@ -1,0 +1,137 @@
+"""The shared engine on the sequence model: a 1-epoch CV smoke run, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lsdc.cli import app
+from lsdc.fileio import load_npz
+from lsdc.training.engine import load_checkpoint_state, run_cross_validation
+from lsdc.training.sequence import SequenceTrainConfig, sequence_task, train_sequence
+
+TINY = [
+    "model.backbone=test_convnext",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.num_layers=1",
+    "model.dim_feedforward=64",
+    "engine.batch_size=2",
+    "engine.progress_bar=false",
+]
+
+
+@pytest.mark.slow
+def test_one_epoch_two_fold_smoke_run(toy_sequence_cache, tmp_path):
+    cache = toy_sequence_cache(n_studies=6, size=64, missing={0: 2})
+    run = tmp_path / "run"
+    args = ["train", "sequence", str(cache), "--out", str(run), "--folds", "2", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, *TINY])
+    assert result.exit_code == 0, result.output
+    assert "OOF spinal" in result.output and "class prior" in result.output
+    arrays, _ = load_npz(run / "oof.npz")
+    assert sorted(arrays["study_ids"].tolist()) == list(range(1000, 1006))
+    assert arrays["probs"].shape == (6, 25, 3)
+    np.testing.assert_allclose(arrays["probs"].sum(-1), 1.0, atol=1e-6)
+    for name in ("config.yaml", "run.json", "folds.csv", "oof.csv", "summary.json", "curves.png"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["oof_score"]) == {
+        "spinal",
+        "foraminal",
+        "subarticular",
+        "any_severe_spinal",
+        "score",
+    }
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 6 * 25 and list(oof.columns) == [
+        "row_id",
+        "normal_mild",
+        "moderate",
+        "severe",
+    ]
+    for k in (0, 1):
+        fold = run / f"fold{k}"
+        hist = json.loads((fold / "history.json").read_text())
+        assert [h["epoch"] for h in hist] == [0]
+        # Lightning checkpoints load without unpickling arbitrary objects
+        ckpt = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["epoch"] == 0
+        state = load_checkpoint_state(fold / "checkpoints" / "best.ckpt")
+        assert any(k.startswith("backbones.") for k in state)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_fold_resumes_from_last_checkpoint(toy_sequence_cache, tmp_path):
+    import lightning as L
+
+    class StopAtSecondEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise _Interrupt
+
+    cache = toy_sequence_cache(n_studies=4, size=32)
+    from lsdc.config import load_config
+
+    cfg = load_config(SequenceTrainConfig, None, [*TINY, "engine.epochs=2", "engine.folds=2"])
+    run = tmp_path / "run"
+    task = sequence_task(cache, cfg)
+    with pytest.raises(_Interrupt):
+        run_cross_validation(run, task, cfg.engine, callbacks=[StopAtSecondEpoch()])
+    fold0 = run / "fold0"
+    assert (fold0 / "checkpoints" / "last.ckpt").exists()
+    assert not (fold0 / "result.json").exists()
+    first = json.loads((fold0 / "history.json").read_text())
+    assert [h["epoch"] for h in first] == [0]
+    steps = torch.load(fold0 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert steps > 0
+
+    res = run_cross_validation(run, task, cfg.engine)
+    hist = json.loads((fold0 / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[0] == first[0], "epoch 0 was not trained again"
+    # the optimiser continued from the checkpoint: exactly one more epoch of steps
+    ckpt = torch.load(fold0 / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * steps
+    assert res.probs.shape == (4, 25, 3)
+    # the fold keeps its best-val_loss weights (engine.keep=best) for inference
+    from safetensors.torch import load_file
+
+    kept = load_file(fold0 / "model.safetensors")
+    best = load_checkpoint_state(fold0 / "checkpoints" / "best.ckpt")
+    assert kept.keys() == best.keys() and all(torch.equal(kept[k], best[k]) for k in kept)
+
+    # A finished run is not retrained: same OOF, fold files untouched.
+    mtime = (fold0 / "model.safetensors").stat().st_mtime_ns
+    again = run_cross_validation(run, task, cfg.engine)
+    np.testing.assert_array_equal(again.probs, res.probs)
+    assert (fold0 / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_unknown_keep_setting_fails_before_training(toy_sequence_cache, tmp_path):
+    cache = toy_sequence_cache(n_studies=4, size=16)
+    with pytest.raises(ValueError, match="engine.keep"):
+        train_sequence(
+            cache, tmp_path / "run", folds=2, epochs=1, overrides=[*TINY, "engine.keep=x"]
+        )
+    assert not (tmp_path / "run" / "folds.csv").exists()
+
+
+def test_run_folder_refuses_another_config(toy_sequence_cache, tmp_path):
+    cache = toy_sequence_cache(n_studies=4, size=16)
+    run = tmp_path / "run"
+    run.mkdir()
+    from lsdc.config import save_config
+
+    save_config(SequenceTrainConfig(), run / "config.yaml")
+    with pytest.raises(ValueError, match="another configuration"):
+        train_sequence(cache, run, folds=2, epochs=1, overrides=TINY)
