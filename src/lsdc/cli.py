@@ -109,6 +109,190 @@ def validate_submission(
     raise typer.Exit(1)
 
 
+@app.command("index")
+def index_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="RSNA-format dataset root.")],
+    split: Annotated[str, typer.Option(help="train | test")] = "train",
+    out: Annotated[
+        Path | None, typer.Option(help="Index CSV (default ./<split>_series_index.csv).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Parallel processes (default min(4, CPUs)).")
+    ] = None,
+) -> None:
+    """Header-only index of every series (geometry, flags); bad files listed, never fatal."""
+    from lsdc.io.index import format_summary, index_dataset
+
+    try:
+        result = index_dataset(data_dir, split=split, out=out, workers=workers)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_summary(result))
+
+
+@train_app.command("slice-relevance")
+def train_slice_relevance_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="RSNA-format dataset root (with coordinates).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (models, report, axial ROI).")],
+    workers: Annotated[int, typer.Option(help="Parallel processes (features, CV folds).")] = 1,
+    feature_cache: Annotated[
+        Path | None, typer.Option(help="Feature cache folder (default OUT/features).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted config overrides, e.g. folds=3")
+    ] = None,
+) -> None:
+    """Train and cross-validate the slice-relevance ensemble (multitask step 1)."""
+    from lsdc.preprocess.slice_relevance import format_table, train_slice_relevance
+
+    report = train_slice_relevance(
+        data_dir, out, workers=workers, overrides=overrides or [], feature_cache=feature_cache
+    )
+    typer.echo(format_table(report.table))
+    typer.echo(f"{report.studies} studies; run folder {report.run_dir}")
+
+
+@viz_app.command("crops")
+def viz_crops(
+    cache_dir: Annotated[Path, typer.Argument(help="Multitask cache folder.")],
+    study_id: Annotated[int, typer.Argument(help="Study to draw.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")],
+) -> None:
+    """The three crops of every series type and task of one study, with mapped keypoints."""
+    from lsdc.preprocess.viz import plot_crops
+
+    typer.echo(plot_crops(cache_dir, study_id, out))
+
+
+@train_app.command("sequence")
+def train_sequence_cmd(
+    cache_dir: Annotated[Path, typer.Argument(help="Sequence cache folder (train split).")],
+    out: Annotated[Path, typer.Option(help="Run folder (created; an existing one resumes).")],
+    folds: Annotated[int | None, typer.Option(help="Number of study-wise folds.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per fold.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. model.backbone=convnext_atto engine.lr=1e-4"),
+    ] = None,
+) -> None:
+    """Cross-validate the sequence model; writes checkpoints, OOF predictions, score, curves."""
+    from lsdc.training.sequence import train_sequence
+
+    result = train_sequence(
+        cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
+    )
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in result.score.items())
+    typer.echo(f"OOF {terms}")
+    typer.echo(f"class prior on the same rows: score {result.prior_score['score']:.4f}")
+    typer.echo(f"run folder {result.run_dir}")
+
+
+@app.command("synth")
+def synth_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the phantom dataset (created).")],
+    train_studies: Annotated[int, typer.Option(help="Number of train studies.")] = 20,
+    test_studies: Annotated[int, typer.Option(help="Number of test studies.")] = 5,
+    size: Annotated[int, typer.Option(help="Sagittal matrix in pixels (axial ~3/4).")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed (same arguments -> same bytes).")] = 0,
+    workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
+    coords_fraction: Annotated[
+        float, typer.Option(help="Share of train studies with coordinates.")
+    ] = 0.7,
+    preview: Annotated[
+        bool, typer.Option(help="Also write OUT_DIR/preview.png (first study).")
+    ] = False,
+) -> None:
+    """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers)."""
+    from lsdc.synth import generate_dataset
+
+    out = generate_dataset(
+        out_dir,
+        train_studies=train_studies,
+        test_studies=test_studies,
+        size=size,
+        seed=seed,
+        workers=workers,
+        coords_fraction=coords_fraction,
+    )
+    typer.echo(f"wrote {train_studies} train + {test_studies} test studies to {out}")
+    if preview:
+        from lsdc.synth import study_ids
+        from lsdc.synth.preview import render_preview
+
+        png = render_preview(out, study_ids(seed, 1)[0], out / "preview.png")
+        typer.echo(f"preview {png}")
+
+
+@viz_app.command("phantom")
+def viz_phantom(
+    data_dir: Annotated[Path, typer.Argument(help="Phantom dataset root (made by lsdc synth).")],
+    study_id: Annotated[int, typer.Argument(help="Study to show.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("phantom.png"),
+) -> None:
+    """Montage of one phantom study (mid-sagittal T2, parasagittal T1, axials) with true points."""
+    from lsdc.synth.preview import render_preview
+
+    typer.echo(f"wrote {render_preview(data_dir, study_id, out)}")
+
+
+@viz_app.command("sequence")
+def viz_sequence(
+    cache_dir: Annotated[Path, typer.Argument(help="Sequence cache folder.")],
+    study_id: Annotated[int, typer.Argument(help="Study to draw.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("sequence.png"),
+) -> None:
+    """The ordered, cropped slices of every series type of one study, as the model sees them."""
+    from lsdc.preprocess.sequence import plot_sequence_study
+
+    typer.echo(f"wrote {plot_sequence_study(cache_dir, study_id, out)}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Trained run folder (lsdc train ...).")],
+    cache_dir: Annotated[Path, typer.Argument(help="Cache preprocessed like the run's.")],
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
+    series_descriptions: Annotated[
+        Path | None,
+        typer.Option(help="Studies that must appear (missing ones get the class prior)."),
+    ] = None,
+    tta_flip: Annotated[bool, typer.Option(help="Average with the left/right mirror.")] = True,
+) -> None:
+    """Fold-averaged predictions of a run on a cache, written as a submission."""
+    from lsdc.inference.predictor import predict_submission
+
+    report = predict_submission(
+        run_dir, cache_dir, out, series_descriptions=series_descriptions, tta_flip=tta_flip
+    )
+    typer.echo(f"{report.predicted} studies predicted -> {report.path}")
+    if report.filled:
+        typer.echo(
+            f"{len(report.filled)} studies not in the cache got the class prior: "
+            + ", ".join(map(str, report.filled)),
+            err=True,
+        )
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for everything the demo makes.")] = Path(
+        "demo-output"
+    ),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. train_studies=80 epochs=10 size=256"),
+    ] = None,
+) -> None:
+    """The whole pipeline on a phantom: synth, slice relevance, crops, sequence model, scored
+    submission."""
+    from lsdc.config import load_config
+    from lsdc.demo import DemoConfig, run_demo
+
+    run_demo(out_dir, load_config(DemoConfig, None, overrides or []), log=typer.echo)
+
+
 # -- commands end here (append new commands above this line) --
 
 
