@@ -15,18 +15,11 @@ from lsdc.constants import AXIAL_T2, CONDITION_SERIES, CONDITIONS, SERIES_TYPES,
 from lsdc.io.study import load_study
 from lsdc.io.tables import read_coordinates, read_series_descriptions, read_train_labels
 from lsdc.synth import generate_dataset
+from lsdc.synth.writer import CONDITION_LANDMARK
 
 # Seed 108 draws the real-data quirks the readers must survive into 5 studies: a study lacking a
 # series type, one with two axial series, one with a per-disc stack on another matrix, rescale.
 KW = {"train_studies": 3, "test_studies": 2, "size": 64, "seed": 108, "coords_fraction": 1.0}
-
-_LANDMARK = {
-    "spinal_canal_stenosis": "spinal",
-    "left_neural_foraminal_narrowing": "foraminal_left",
-    "right_neural_foraminal_narrowing": "foraminal_right",
-    "left_subarticular_stenosis": "subarticular_left",
-    "right_subarticular_stenosis": "subarticular_right",
-}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ def test_coordinates_lie_at_their_structure(dataset: Path, split: str) -> None:
             # x, y are native pixels of the file; a resampled slice maps them onto the volume.
             col, row = series.native_to_volume(idx, r.x, r.y)
             p = geometry.series_pixel_to_patient(series, col, row, idx)
-            want = np.asarray(rec["landmarks"][_LANDMARK[r.condition]][r.level])
+            want = np.asarray(rec["landmarks"][CONDITION_LANDMARK[r.condition]][r.level])
             # In-plane: the projection is exact; through-plane: at most half a slice gap.
             tol = 0.5 * series.spacing_between_slices + 1.0
             assert np.linalg.norm(p - want) < tol, (sid, r.condition, r.level)

@@ -15,6 +15,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -337,23 +338,28 @@ def _pixel_data_truncated(ds: pydicom.Dataset, path: Path) -> str | None:
     return None
 
 
-def read_header(path: str | Path) -> SliceHeader:
-    """Header-only read of one file (pixel bytes are not loaded, but truncation is detected).
-
-    Raises SliceReadError naming the file for empty, non-DICOM, truncated or geometry-less files.
-    """
-    path = Path(path)
+def _open_dicom(path: Path, **kwargs: Any) -> pydicom.Dataset:
+    """`pydicom.dcmread`, with every failure turned into a SliceReadError naming the file."""
     try:
         if path.stat().st_size == 0:
             raise SliceReadError(path, "zero-byte file")
-        # defer_size keeps PixelData unread but records where it starts, so truncation shows.
-        ds = pydicom.dcmread(path, defer_size=256)
+        return pydicom.dcmread(path, **kwargs)
     except SliceReadError:
         raise
     except InvalidDicomError as exc:
         raise SliceReadError(path, f"not a DICOM file ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
         raise SliceReadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Header-only read of one file (pixel bytes are not loaded, but truncation is detected).
+
+    Raises SliceReadError naming the file for empty, non-DICOM, truncated or geometry-less files.
+    """
+    path = Path(path)
+    # defer_size keeps PixelData unread but records where it starts, so truncation shows.
+    ds = _open_dicom(path, defer_size=256)
     header = header_from_dataset(ds, path)
     reason = _pixel_data_truncated(ds, path)
     if reason is not None:
@@ -387,16 +393,7 @@ def _decoder(transfer_syntax: str) -> Decoder:
 
 def _read_slice(path: Path) -> tuple[SliceHeader, np.ndarray]:
     """Header and stored pixel values (rows, cols) of one file, read once; SliceReadError if bad."""
-    try:
-        if path.stat().st_size == 0:
-            raise SliceReadError(path, "zero-byte file")
-        ds = pydicom.dcmread(path)
-    except SliceReadError:
-        raise
-    except InvalidDicomError as exc:
-        raise SliceReadError(path, f"not a DICOM file ({exc})") from exc
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
-        raise SliceReadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    ds = _open_dicom(path)
     header = header_from_dataset(ds, path)
     if _T_PIXEL_DATA not in ds:
         raise SliceReadError(path, "no PixelData element (truncated file?)")

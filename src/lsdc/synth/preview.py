@@ -22,14 +22,8 @@ from lsdc.constants import (
     SEVERITIES,
     level_to_title,
 )
+from lsdc.synth.writer import CONDITION_LANDMARK
 
-_LANDMARK = {
-    "spinal_canal_stenosis": "spinal",
-    "left_neural_foraminal_narrowing": "foraminal_left",
-    "right_neural_foraminal_narrowing": "foraminal_right",
-    "left_subarticular_stenosis": "subarticular_left",
-    "right_subarticular_stenosis": "subarticular_right",
-}
 _COLOUR = {0: "#3ddc84", 1: "#ffb000", 2: "#ff3b3b", -1: "#9e9e9e"}  # by severity; grey = empty
 
 
@@ -101,7 +95,7 @@ def render_preview(
                     col, row = s.native_to_volume(idx, float(r.x), float(r.y))
                     out.append((s.series_id, idx, col, row, lv, True))
                     continue
-            pt = truth["landmarks"][_LANDMARK[cond]][lv]
+            pt = truth["landmarks"][CONDITION_LANDMARK[cond]][lv]
             hits = [(geometry.nearest_slice(s, pt), s) for s in series]
             if hits:
                 hit, s = min(hits, key=lambda h: h[0].distance_mm)

@@ -35,7 +35,7 @@ from lsdc.synth.labels import narrowing_for, sample_labels
 _LABELS, _NARROW, _ANATOMY, _PROTOCOL, _NOISE, _IDS, _COORDS = range(7)
 
 # Which landmark (anatomy.SpinePhantom.landmarks key) each condition's coordinate points at.
-_LANDMARK = {
+CONDITION_LANDMARK = {
     "spinal_canal_stenosis": "spinal",
     "left_neural_foraminal_narrowing": "foraminal_left",
     "right_neural_foraminal_narrowing": "foraminal_right",
@@ -116,7 +116,7 @@ def coordinates(study: PhantomStudy, study_id: int) -> list[dict]:
         for li, lv in enumerate(LEVELS):
             if study.labels[ci * len(LEVELS) + li] < 0:
                 continue
-            point = np.asarray(lm[_LANDMARK[cond]][lv])
+            point = np.asarray(lm[CONDITION_LANDMARK[cond]][lv])
             best = min(((s.project(point), s) for s in candidates), key=lambda t: t[0][3])
             (sl, x, y, dist), spec = best
             n_rows, n_cols, _ = spec.grid(sl)
