@@ -211,7 +211,8 @@ def predict_submission(
     filled: list[int] = []
     if series_descriptions is not None:
         listed = sorted(set(read_series_descriptions(series_descriptions)["study_id"].tolist()))
-        filled = [s for s in listed if s not in set(ids)]
+        cached = set(ids)
+        filled = [s for s in listed if s not in cached]
         if filled:
             arrays, _ = load_npz(Path(run_dir) / "oof.npz")
             prior = class_prior(arrays["labels"])
