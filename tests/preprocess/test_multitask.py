@@ -17,7 +17,7 @@ from lsdc.preprocess.multitask import (
     preprocess_dataset,
 )
 
-MIDDLE = ["crop_size=48", "selection.without_prediction=middle"]
+MIDDLE = ["crop_size=48", "selection.without_prediction=middle", "selection.prefer_labelled=true"]
 
 
 def _files(folder):

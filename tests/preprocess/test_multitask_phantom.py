@@ -25,7 +25,11 @@ def phantom(tmp_path_factory):
 @pytest.mark.slow
 def test_phantom_crops_contain_every_labelled_point(phantom, tmp_path):
     # Some labelled studies lack labels of a task (e.g. an axial level): stored as absent.
-    overrides = ["crop_size=64", "selection.without_prediction=absent"]
+    overrides = [
+        "crop_size=64",
+        "selection.without_prediction=absent",
+        "selection.prefer_labelled=true",
+    ]
     report = preprocess_dataset(phantom, tmp_path / "c", overrides=overrides, progress=False)
     assert report.failed == {}
     table = coordinate_table(tmp_path / "c")
@@ -62,3 +66,19 @@ def test_phantom_slice_relevance_and_predicted_test_crops(phantom, tmp_path):
     crops = load_multitask_study(tmp_path / "t", report.written[0])
     assert {c.source for c in crops if c.present} == {"predicted"}
     assert not any(c.keypoint_mask.any() for c in crops)  # test studies carry no labels
+
+    # Train split: every cross-validated study is cropped on the run's out-of-fold slices, the
+    # path a test study takes (a model that never saw it), not on its labelled slices.
+    oof = pd.read_csv(run / "oof_slices.csv")
+    assert set(oof.study_id) == set(pd.read_csv(phantom / "train.csv").study_id)
+    train = preprocess_dataset(
+        phantom, tmp_path / "tr", relevance_run=run, overrides=["crop_size=64"], progress=False
+    )
+    assert len(train.written) == 6 and not train.failed
+    for sid in train.written:
+        crops = load_multitask_study(tmp_path / "tr", sid)
+        assert {c.source for c in crops if c.present} == {"oof"}
+        assert any(c.keypoint_mask.any() for c in crops)  # coordinates still mapped in
+        for c in crops:
+            if c.present:
+                assert c.hires.shape[0] == 3 and c.hires.shape[1] > 0

@@ -6,20 +6,26 @@ position order), cropped to the region of interest (sagittal: `sagittal_roi` of 
 itself; axial: the `AxialRoi` fitted on training coordinates), resized to `crop_size`, with every
 known coordinate of the task mapped into the crop and masked when missing or outside.
 
-The selected slice is, per task: the labelled slice (training, `selection.prefer_labelled`), else
-the slice predicted by a slice-relevance run, else (only when configured) the middle slice. Where
-that differs from the slice a point was labelled on, the point keeps its in-plane position (same
-series) or is projected through patient space (another series of the type); the offset in slices
-is kept (`keypoint_slice_offset`).
+The selected slice is, per task: the labelled slice (only with `selection.prefer_labelled`),
+else the slice predicted by a slice-relevance run, else (only when configured) the middle slice.
+On the train split, a study that the relevance run cross-validated gets the run's *out-of-fold*
+slice (source "oof", `selection.oof`), so training, out-of-fold and test crops all come from a
+relevance model that never saw the study, with the same errors. Where the selected slice differs
+from the slice a point was labelled on, the point keeps its in-plane position (same series) or is
+projected through patient space (another series of the type); the offset in slices is kept
+(`keypoint_slice_offset`).
 
 Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
 `<series slug>__<task>`, arrays `<key>__<field>`:
   image (3, size, size) float16 in [0, 1]   slice_indices (3,) int64   instance_numbers (3,) int64
+  hires (3, h, w) float16: the same window at native resolution, downscaled only when its longer
+    side exceeds `hires_max` (the second pass crops from it when it is finer than `image`)
   keypoints (K, 2) float32 crop x/y, NaN when missing    keypoint_mask (K,) bool (known and inside)
   keypoint_native (K, 2) float32 x/y on the series grid   keypoint_slice_offset (K,) int64
   window (4,) int64 y0 y1 x0 x1 on the series grid        volume_shape (3,) int64
   positions (3, 3), orientations (3, 6), pixel_spacing (2,) float64: geometry of the 3 slices
   present () bool: False when the study lacks the series type (all arrays then zero / masked)
+plus `labels` (25,) int8 severity codes of the study (-1 = unlabelled; all -1 on the test split),
 and in the meta, per crop: key, series type, task, keypoint names, series id, selection source.
 `load_multitask_study` reads it back as `TaskCrop` objects.
 """
@@ -37,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from lsdc.config import config_to_dict, load_config
-from lsdc.constants import AXIAL_T2, CONDITION_SERIES, LEVELS, SERIES_TYPES
+from lsdc.constants import AXIAL_T2, CONDITION_SERIES, LEVELS, SERIES_TYPES, TARGETS
 from lsdc.preprocess.cache import CacheRunReport, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
@@ -59,15 +65,19 @@ from lsdc.preprocess.slice_relevance import (
 PIPELINE = "multitask"
 # Layout version of the cache files; part of the configuration hash, so a cache written with
 # another layout is refused instead of mixed. Bump on any change of arrays or meta.
-CACHE_FORMAT = 1
-SOURCES = ("labelled", "predicted", "middle")
+CACHE_FORMAT = 2
+SOURCES = ("labelled", "oof", "predicted", "middle")
 
 
 @dataclass
 class SelectionConfig:
     """Which slice each crop is centred on."""
 
-    prefer_labelled: bool = True  # training: the labelled slice where the study has coordinates
+    # The labelled slice where the study has coordinates. Off by default: crops on labelled
+    # slices are better than any crop a test study gets, so the OOF score would flatter.
+    prefer_labelled: bool = False
+    # Train split: use the relevance run's out-of-fold slice for studies it cross-validated.
+    oof: bool = True
     # A task with neither a label nor a prediction: "error" (the study fails, reported),
     # "middle" (the middle slice; recorded as source "middle" in the cache) or "absent" (the
     # crop is stored as missing, like a missing series type: present=False, all masked).
@@ -81,6 +91,8 @@ class MultitaskConfig:
     `crop_size=96 selection.without_prediction=middle`)."""
 
     crop_size: int = 128
+    # Longest side of the native-resolution copy of each window (`hires`); 0 = do not keep one.
+    hires_max: int = 256
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     sagittal_roi: SagittalRoiConfig = field(default_factory=SagittalRoiConfig)
     # Used only when neither a relevance run nor training coordinates provide the statistics.
@@ -113,6 +125,7 @@ class TaskCrop:
     source: str | None  # labelled | predicted | middle | None (series type absent)
     series_id: int | None
     image: np.ndarray  # (3, size, size) float32 in [0, 1]
+    hires: np.ndarray  # (3, h, w) float32 in [0, 1], the window at native resolution (or empty)
     slice_indices: np.ndarray  # (3,)
     instance_numbers: np.ndarray  # (3,)
     keypoint_names: list[str]  # "<condition>_<level>", the target names
@@ -155,6 +168,7 @@ def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[
                 source=m["source"],
                 series_id=m["series_id"],
                 image=a("image").astype(np.float32),
+                hires=a("hires").astype(np.float32),
                 slice_indices=a("slice_indices"),
                 instance_numbers=a("instance_numbers"),
                 keypoint_names=list(m["keypoint_names"]),
@@ -192,6 +206,7 @@ def _select(
     labels: Sequence[_Label],
     predictions: Mapping[int, Mapping[str, Any]],
     cfg: MultitaskConfig,
+    oof_series: frozenset[int] = frozenset(),
 ) -> tuple[Any, int, str, float | None] | None:
     """(series, centre slice index, source, probability) of one task, or None when the study
     has no series of the type (or no slice for the task, with `without_prediction="absent"`).
@@ -226,7 +241,8 @@ def _select(
         if p is not None and (best is None or p.probability > best[1].probability):
             best = (s, p)
     if best is not None:
-        return best[0], int(best[1].slice_index), "predicted", float(best[1].probability)
+        source = "oof" if int(best[0].series_id) in oof_series else "predicted"
+        return best[0], int(best[1].slice_index), source, float(best[1].probability)
     if cfg.selection.without_prediction == "middle":
         s = candidates[0]
         return s, middle_slice(s.num_slices), "middle", None
@@ -276,6 +292,7 @@ def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
     """The arrays of a missing crop: same shapes as a present one, zero and masked."""
     return {
         "image": np.zeros((slices, size, size), np.float16),
+        "hires": np.zeros((slices, 0, 0), np.float16),
         "slice_indices": np.full(slices, -1, np.int64),
         "instance_numbers": np.full(slices, -1, np.int64),
         "keypoints": np.full((k, 2), np.nan, np.float32),
@@ -289,6 +306,17 @@ def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
         "pixel_spacing": np.zeros(2),
         "present": np.array(False),
     }
+
+
+def _hires(stack: np.ndarray, window: tuple[int, int, int, int], max_side: int) -> np.ndarray:
+    """The window of a (S, H, W) stack at native resolution, shrunk to `max_side` on its longer
+    side only when larger; (S, 0, 0) when `max_side` is 0."""
+    if max_side <= 0:
+        return np.zeros((len(stack), 0, 0), np.float32)
+    y0, y1, x0, x1 = window
+    scale = min(1.0, max_side / max(y1 - y0, x1 - x0))
+    shape = (max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)))
+    return crop_and_resize(stack, window, shape)
 
 
 def build_study(
@@ -307,11 +335,20 @@ def build_study(
     descriptions = dataset_descriptions(str(data_dir), split).get(study_id)
     study = load_study(data_dir, study_id, split=split, descriptions=descriptions)
     labels = dataset_labels(str(data_dir)) if split == "train" else {}
-    predictions: Mapping[int, Mapping[str, Any]] = {}
+    severity = dataset_severity(str(data_dir)).get(int(study_id)) if split == "train" else None
+    predictions: dict[int, Mapping[str, Any]] = {}
+    oof_series: frozenset[int] = frozenset()
     if relevance_run is not None:
-        from lsdc.preprocess.slice_relevance import predict_slices
+        from lsdc.preprocess.slice_relevance import load_oof_slices, predict_slices
 
-        predictions = predict_slices(relevance_run, study)
+        predictions = dict(predict_slices(relevance_run, study))
+        if split == "train" and cfg.selection.oof:
+            # Series the run cross-validated: its out-of-fold slices replace the final models'
+            # (which were fitted on this study). Other series of the study keep the final models.
+            oof = load_oof_slices(relevance_run).get(int(study_id), {})
+            oof = {sid: p for sid, p in oof.items() if sid in predictions}
+            predictions.update(oof)
+            oof_series = frozenset(oof)
     study_labels = labels.get(study_id, ())
     size = cfg.crop_size
     n = cfg.selection.neighbours
@@ -323,7 +360,7 @@ def build_study(
         for task in tasks_for(st):
             key = crop_key(st, task)
             names = keypoint_names(st, task)
-            chosen = _select(study, st, task, study_labels, predictions, cfg)
+            chosen = _select(study, st, task, study_labels, predictions, cfg, oof_series)
             item = _empty_crop(size, len(names), 2 * n + 1)
             meta = {
                 "key": key,
@@ -347,10 +384,12 @@ def build_study(
                 window = window_cache[sid]
                 idx = np.clip(np.arange(centre - n, centre + n + 1), 0, series.num_slices - 1)
                 image = crop_and_resize(norm_cache[sid][idx], window, size)
+                hires = _hires(norm_cache[sid][idx], window, cfg.hires_max)
                 native, offsets = _keypoints(study, series, centre, names, study_labels)
                 pts, inside = map_points_to_crop(native, window, size)
                 item.update(
                     image=np.clip(image, 0.0, 1.0).astype(np.float16),
+                    hires=np.clip(hires, 0.0, 1.0).astype(np.float16),
                     slice_indices=idx.astype(np.int64),
                     instance_numbers=series.instance_numbers[idx].astype(np.int64),
                     keypoints=pts.astype(np.float32),
@@ -368,6 +407,11 @@ def build_study(
             for name, value in item.items():
                 arrays[f"{key}__{name}"] = value
             crops_meta.append(meta)
+    arrays["labels"] = (
+        np.asarray(severity, np.int8)
+        if severity is not None
+        else np.full(len(TARGETS), -1, np.int8)
+    )
     return arrays, {
         "study_id": int(study_id),
         "split": split,
@@ -386,6 +430,20 @@ def _study_ids(data_dir: Path, split: str, descriptions: Mapping[int, Any]) -> l
     on_disk = {int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
     # Studies listed without images fail visibly (reported per study) rather than vanish.
     return sorted(on_disk | set(descriptions))
+
+
+@functools.lru_cache(maxsize=4)
+def dataset_severity(data_dir: str | Path) -> dict[int, np.ndarray]:
+    """Severity codes (25,) per study of `train.csv` (empty when there is none); cached per
+    process so pool workers read the table once."""
+    from lsdc.io.tables import read_train_labels
+    from lsdc.metrics import labels_array
+
+    path = Path(data_dir) / "train.csv"
+    if not path.exists():
+        return {}
+    ids, codes = labels_array(read_train_labels(path))
+    return {int(s): c for s, c in zip(ids, codes, strict=True)}
 
 
 @functools.lru_cache(maxsize=4)

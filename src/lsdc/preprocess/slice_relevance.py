@@ -54,6 +54,13 @@ MODEL_NAMES: tuple[str, ...] = ("random_forest", "svm", "mlp", "xgboost")
 ENSEMBLE = "ensemble"
 BASELINE = "middle_slice"
 FEATURE_PIPELINE = "slice-relevance-features"
+# The ensemble's out-of-fold slice per (study, series, task) of the CV: what a model that never
+# saw the study predicts, so training crops are selected the way test crops are.
+OOF_SLICES_FILE = "oof_slices.csv"
+OOF_SLICE_COLUMNS = (
+    "study_id", "series_id", "series_type", "task", "fold", "slice_index", "num_slices",
+    "probability",
+)  # fmt: skip
 
 # XGBoost's OpenMP runtime is not fork-safe: once a process has run XGBoost, a forked child
 # (lsdc.parallel uses fork on Linux) that runs XGBoost again can hang for ever. Pools whose
@@ -742,16 +749,21 @@ class _FitJob:
 
 def _run_fit_job(
     job: _FitJob, cfg: ModelConfig, seed: int, names: Sequence[str]
-) -> list[dict[str, dict[str, int]]] | SeriesTypeModels:
-    """Fit; for a fold return, per held-out series, method -> task -> predicted slice."""
+) -> list[tuple[dict[str, dict[str, int]], dict[str, float]]] | SeriesTypeModels:
+    """Fit; for a fold return, per held-out series, (method -> task -> predicted slice, task ->
+    ensemble probability of the ensemble's slice)."""
     models = fit_series_type(job.series_type, job.x, job.y, cfg, seed, names)
     if job.fold < 0:
         return models
     tasks = tasks_for(job.series_type)
-    return [
-        {m: _predicted_slices(p, tasks) for m, p in models.predict_proba(f).items()}
-        for f in job.test
-    ]
+    out = []
+    for f in job.test:
+        proba = models.predict_proba(f)
+        slices = {m: _predicted_slices(p, tasks) for m, p in proba.items()}
+        ens = proba[ENSEMBLE]
+        probs = {t: float(ens[slices[ENSEMBLE][t], k]) for k, t in enumerate(tasks, start=1)}
+        out.append((slices, probs))
+    return out
 
 
 def _run_jobs(
@@ -783,9 +795,11 @@ def cross_validate(
     *,
     workers: int = 1,
     progress: bool = True,
-) -> pd.DataFrame:
-    """Study-wise k-fold CV of every base model and the ensemble; returns the per-row table
-    (`_accuracy_rows`) of out-of-fold predictions. Folds run in `workers` processes."""
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Study-wise k-fold CV of every base model and the ensemble. Returns the per-label-row
+    table (`_accuracy_rows`) of out-of-fold predictions, and the ensemble's out-of-fold slice
+    of every task of every held-out series (`OOF_SLICE_COLUMNS`), which multitask
+    preprocessing uses for the training studies. Folds run in `workers` processes."""
     from sklearn.model_selection import GroupKFold
 
     jobs: list[_FitJob] = []
@@ -807,16 +821,31 @@ def cross_validate(
             held_out[(st, k)] = test_i
     results = _run_jobs(jobs, cfg, names, workers, "slice relevance CV", progress)
     rows: list[dict[str, Any]] = []
+    slice_rows: list[dict[str, Any]] = []
     for st, group in groups_by_type.items():
         preds: dict[str, list[dict[str, int]]] = {m: [{}] * len(group) for m in (*names, ENSEMBLE)}
         for (t, k), test_i in held_out.items():
             if t != st:
                 continue
-            for i, per_method in zip(test_i, results[(t, k)], strict=True):
+            for i, (per_method, probs) in zip(test_i, results[(t, k)], strict=True):
                 for m, slices in per_method.items():
                     preds[m][i] = slices
+                ls = group[i]
+                for task, p in probs.items():
+                    slice_rows.append(
+                        {
+                            "study_id": ls.study_id,
+                            "series_id": ls.series_id,
+                            "series_type": st,
+                            "task": task,
+                            "fold": k,
+                            "slice_index": per_method[ENSEMBLE][task],
+                            "num_slices": len(ls.features),
+                            "probability": p,
+                        }
+                    )
         rows.extend(_accuracy_rows(group, preds))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), pd.DataFrame(slice_rows, columns=list(OOF_SLICE_COLUMNS))
 
 
 def fit_all(
@@ -871,7 +900,8 @@ def train_slice_relevance(
     """Train and evaluate the slice-relevance ensemble; write a run folder `out`:
 
     config.yaml, models/<series type>/ (skops + XGBoost JSON + models.json), axial_roi.json,
-    oof.csv (out-of-fold predictions per label row), report.json, report.md.
+    oof.csv (out-of-fold predictions per label row), oof_slices.csv (the ensemble's
+    out-of-fold slice per series and task), report.json, report.md.
     Features are cached (default `out/features`) and reused by later runs with the same feature
     configuration. `workers` processes compute features and fit the CV folds.
     """
@@ -907,9 +937,10 @@ def train_slice_relevance(
     if not series:
         raise ValueError(f"{data_dir}: no labelled series could be read")
 
-    rows = cross_validate(series, cfg, workers=workers, progress=progress)
+    rows, oof_slices = cross_validate(series, cfg, workers=workers, progress=progress)
     table = accuracy_table(rows)
     atomic_write_text(out / "oof.csv", rows.to_csv(index=False))
+    atomic_write_text(out / OOF_SLICES_FILE, oof_slices.to_csv(index=False))
     for st, models in fit_all(series, cfg, workers=workers, progress=progress).items():
         save_models(models, out / "models" / series_slug(st))
 
@@ -989,6 +1020,34 @@ def predict_slices(run_dir: str | Path, study: Any) -> dict[int, dict[str, Slice
                 scores=proba[:, k].copy(),
             )
         out[f.series_id] = preds
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def load_oof_slices(run_dir: str | Path) -> dict[int, dict[int, dict[str, SlicePrediction]]]:
+    """The run's out-of-fold slices (`oof_slices.csv`) as `{study: {series: {task:
+    SlicePrediction}}}` (with empty `scores` and instance number -1: the table keeps neither).
+    Empty when the run predates the file or had too few studies to cross-validate."""
+    path = Path(run_dir) / OOF_SLICES_FILE
+    if not path.exists():
+        return {}
+    table = pd.read_csv(path)
+    missing = set(OOF_SLICE_COLUMNS) - set(table.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    out: dict[int, dict[int, dict[str, SlicePrediction]]] = {}
+    for r in table.itertuples(index=False):
+        out.setdefault(int(r.study_id), {}).setdefault(int(r.series_id), {})[str(r.task)] = (
+            SlicePrediction(
+                series_id=int(r.series_id),
+                series_type=str(r.series_type),
+                task=str(r.task),
+                slice_index=int(r.slice_index),
+                instance_number=-1,
+                probability=float(r.probability),
+                scores=np.empty(0),
+            )
+        )
     return out
 
 
