@@ -18,7 +18,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # Modules that register models on import; imported lazily so `build_model("sequence")` works
 # without the caller importing the model module first (and nothing heavy runs at import time).
-_KNOWN_MODULES: tuple[str, ...] = ("lsdc.models.sequence", "lsdc.models.multitask")
+_KNOWN_MODULES: tuple[str, ...] = (
+    "lsdc.models.sequence",
+    "lsdc.models.multitask",
+    "lsdc.models.superres",
+)
 
 
 def register_model(name: str) -> Callable[[F], F]:
