@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "test" in caches:
         predictor = Predictor.from_run(run, device=args.infer_device)
-        ids = predictor.family.dataset(caches["test"], None).study_ids
+        ids = predictor.family.dataset(caches["test"], None, predictor.info).study_ids
         if args.infer_device == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         predictor.predict_cache(caches["test"], ids[:1], batch_size=1)  # warm-up

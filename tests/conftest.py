@@ -59,3 +59,86 @@ def toy_sequence_cache(tmp_path: Path) -> Callable[..., Path]:
         return _write_toy_sequence_cache(tmp_path / f"seqcache{next(counter)}", **kwargs)
 
     return make
+
+
+def _write_toy_multitask_cache(
+    root: Path,
+    n_studies: int = 6,
+    *,
+    size: int = 32,
+    hires: int = 0,
+    seed: int = 0,
+    split: str = "train",
+    absent: dict[int, str] | None = None,
+) -> Path:
+    """A multitask cache of random studies written directly (no DICOM): every crop is noise
+    with a bright dot on each keypoint whose size grows with the keypoint's severity (so a model
+    can learn something). `hires` > 0 also stores each crop at that size as its native window;
+    `absent` maps study index -> a crop key stored as missing."""
+    from lsdc.constants import SERIES_TYPES, TARGETS
+    from lsdc.preprocess.cache import StudyCache
+    from lsdc.preprocess.multitask import CACHE_FORMAT, _empty_crop, crop_key, keypoint_names
+    from lsdc.preprocess.slice_relevance import tasks_for
+
+    config = {"format": CACHE_FORMAT, "crop_size": size, "split": split, "toy": seed}
+    cache = StudyCache(root, "multitask", config)
+    rng = np.random.default_rng(seed)
+
+    def draw(pts: np.ndarray, radii: np.ndarray, side: int) -> np.ndarray:
+        yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+        img = rng.uniform(0.0, 0.25, (3, side, side)).astype(np.float32)
+        for (x, y), r in zip((pts + 0.5) * side / size - 0.5, radii * side / size, strict=True):
+            img[:, ((xx - x) ** 2 + (yy - y) ** 2) < r * r] = 0.9
+        return img
+
+    for i in range(n_studies):
+        sid = 1000 + i
+        labels = rng.choice(3, size=len(TARGETS), p=[0.6, 0.25, 0.15]).astype(np.int8)
+        arrays, crops = {}, []
+        for st in SERIES_TYPES:
+            for task in tasks_for(st):
+                key = crop_key(st, task)
+                names = keypoint_names(st, task)
+                item = _empty_crop(size, len(names), 3)
+                present = not (absent and absent.get(i) == key)
+                if present:
+                    pts = rng.uniform(0.25 * size, 0.75 * size, (len(names), 2))
+                    idx = [TARGETS.index(f"{c}_{lv}") for c, lv in names]
+                    radii = 1.0 + 0.06 * size * np.maximum(labels[idx], 0)
+                    window = np.array([10, 10 + 2 * size, 20, 20 + 2 * size])
+                    item.update(
+                        image=draw(pts, radii, size).astype(np.float16),
+                        hires=(draw(pts, radii, hires) if hires else np.zeros((3, 0, 0))).astype(
+                            np.float16
+                        ),
+                        slice_indices=np.array([3, 4, 5]),
+                        instance_numbers=np.array([7, 6, 5]),
+                        keypoints=pts.astype(np.float32),
+                        keypoint_mask=np.ones(len(names), bool),
+                        keypoint_native=(pts * 2 + window[[2, 0]]).astype(np.float32),
+                        window=window,
+                        volume_shape=np.array([9, 100, 100]),
+                        pixel_spacing=np.array([0.5, 0.8]),
+                        present=np.array(True),
+                    )
+                for name, value in item.items():
+                    arrays[f"{key}__{name}"] = value
+                crops.append(
+                    {"key": key, "series_type": st, "task": task, "source": "oof" if present
+                     else None, "series_id": 10 * i + 1 if present else None,
+                     "keypoint_names": [f"{c}_{lv}" for c, lv in names], "probability": None}
+                )  # fmt: skip
+        arrays["labels"] = labels if split == "train" else np.full(len(TARGETS), -1, np.int8)
+        cache.save(sid, arrays, {"study_id": sid, "split": split, "crops": crops})
+    return Path(root)
+
+
+@pytest.fixture
+def toy_multitask_cache(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: `toy_multitask_cache(n_studies=6, size=32, hires=0, ...)` -> a multitask cache."""
+    counter = iter(range(10_000))
+
+    def make(**kwargs) -> Path:
+        return _write_toy_multitask_cache(tmp_path / f"mtcache{next(counter)}", **kwargs)
+
+    return make

@@ -189,6 +189,48 @@ def train_sequence_cmd(
     typer.echo(f"run folder {result.run_dir}")
 
 
+@train_app.command("multitask")
+def train_multitask_cmd(
+    cache_dir: Annotated[Path, typer.Argument(help="Multitask cache folder (train split).")],
+    out: Annotated[Path, typer.Option(help="Run folder (created; an existing one resumes).")],
+    folds: Annotated[int | None, typer.Option(help="Number of study-wise folds.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per fold.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Dotted overrides, e.g. model.backbone=convnext_atto model.upsample=sr "
+            "sr_run=runs/sr data.input.axial_size=96"
+        ),
+    ] = None,
+) -> None:
+    """Cross-validate the multitask model (keypoints, two-pass severity); writes checkpoints,
+    OOF predictions and keypoints, score, keypoint error, curves."""
+    from lsdc.training.multitask import train_multitask
+
+    result = train_multitask(
+        cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
+    )
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in result.score.items())
+    typer.echo(f"OOF {terms}")
+    typer.echo(f"class prior on the same rows: score {result.prior_score['score']:.4f}")
+    typer.echo(f"run folder {result.run_dir}")
+
+
+@viz_app.command("multitask")
+def viz_multitask_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Multitask run folder.")],
+    cache_dir: Annotated[Path, typer.Argument(help="Multitask cache (train or test).")],
+    study_id: Annotated[int, typer.Argument(help="Study to draw.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("multitask.png"),
+) -> None:
+    """Predicted vs true keypoints on every crop of a study, and the second-pass windows
+    before and after upsampling."""
+    from lsdc.inference.viz import plot_multitask_study
+
+    typer.echo(f"wrote {plot_multitask_study(run_dir, cache_dir, study_id, out)}")
+
+
 @app.command("synth")
 def synth_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the phantom dataset (created).")],
@@ -267,6 +309,8 @@ def predict_cmd(
         run_dir, cache_dir, out, series_descriptions=series_descriptions, tta_flip=tta_flip
     )
     typer.echo(f"{report.predicted} studies predicted -> {report.path}")
+    if report.coordinates is not None:
+        typer.echo(f"predicted keypoints -> {report.coordinates}")
     if report.filled:
         typer.echo(
             f"{len(report.filled)} studies not in the cache got the class prior: "
@@ -291,6 +335,33 @@ def demo_cmd(
     from lsdc.demo import DemoConfig, run_demo
 
     run_demo(out_dir, load_config(DemoConfig, None, overrides or []), log=typer.echo)
+
+
+@train_app.command("sr")
+def train_sr_cmd(
+    cache_dir: Annotated[Path, typer.Argument(help="Multitask cache folder.")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (weights, report, examples).")],
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted overrides, e.g. scale=4 channels=16 patch=64"),
+    ] = None,
+) -> None:
+    """Train the super-resolution network self-supervised on a multitask cache (degrade, then
+    restore); reports held-out PSNR/SSIM against bicubic upsampling."""
+    from lsdc.training.superres import train_sr
+
+    extra = [f"steps={steps}"] if steps is not None else []
+    report = train_sr(
+        cache_dir, out, overrides=[*(overrides or []), *extra], config_path=config, progress=True
+    )
+    typer.echo(
+        f"held-out {report.images_val} images: PSNR SR {report.psnr_sr:.2f} dB vs bicubic "
+        f"{report.psnr_bicubic:.2f} dB; SSIM SR {report.ssim_sr:.4f} vs bicubic "
+        f"{report.ssim_bicubic:.4f}"
+    )
+    typer.echo(f"run folder {report.run_dir}")
 
 
 # -- commands end here (append new commands above this line) --

@@ -82,7 +82,9 @@ def test_interrupted_fold_resumes_from_last_checkpoint(toy_sequence_cache, tmp_p
     cache = toy_sequence_cache(n_studies=4, size=32)
     from lsdc.config import load_config
 
-    cfg = load_config(SequenceTrainConfig, None, [*TINY, "engine.epochs=2", "engine.folds=2"])
+    cfg = load_config(
+        SequenceTrainConfig, None, [*TINY, "engine.epochs=2", "engine.folds=2", "engine.keep=best"]
+    )
     run = tmp_path / "run"
     task = sequence_task(cache, cfg)
     with pytest.raises(_Interrupt):
@@ -115,6 +117,21 @@ def test_interrupted_fold_resumes_from_last_checkpoint(toy_sequence_cache, tmp_p
     again = run_cross_validation(run, task, cfg.engine)
     np.testing.assert_array_equal(again.probs, res.probs)
     assert (fold0 / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_default_keeps_the_last_epoch(toy_sequence_cache, tmp_path):
+    # An unbiased OOF: no fold picks its weights on its own validation studies.
+    from lsdc.training.engine import EngineConfig
+
+    assert EngineConfig().keep == "last"
+    cache = toy_sequence_cache(n_studies=4, size=16)
+    run = tmp_path / "run"
+    train_sequence(cache, run, folds=2, epochs=2, overrides=TINY)
+    from safetensors.torch import load_file
+
+    kept = load_file(run / "fold0" / "model.safetensors")
+    last = load_checkpoint_state(run / "fold0" / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(kept[k], last[k]) for k in kept)
 
 
 def test_unknown_keep_setting_fails_before_training(toy_sequence_cache, tmp_path):

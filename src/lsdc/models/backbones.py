@@ -56,6 +56,42 @@ class Backbone(nn.Module):
         return self.model(x)
 
 
+class SpatialBackbone(nn.Module):
+    """A timm model as a feature-map extractor: `forward(x)` returns the stride-8 map and the
+    last (coarsest) map, `(N, fine_channels, H/8, W/8)` and `(N, num_features, H/32, W/32)`
+    for the usual reductions; the model keeps its own parameter names, so the same pretrained
+    files load as into `Backbone`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        info = list(model.feature_info)
+        # The shallowest stage at stride >= 8: fine enough to place a keypoint, deep enough to
+        # mean something.
+        fine = next((i for i, f in enumerate(info) if f["reduction"] >= 8), len(info) - 1)
+        self.indices = sorted({fine, len(info) - 1})
+        self.fine_channels = int(info[fine]["num_chs"])
+        self.num_features = int(info[-1]["num_chs"])
+        self.fine_reduction = int(info[fine]["reduction"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+        return maps[0], maps[-1]
+
+
+def create_spatial_backbone(
+    name: str,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    pretrained_path: str | Path | None = None,
+    drop_path_rate: float = 0.0,
+) -> SpatialBackbone:
+    """A timm model returning feature maps (see `SpatialBackbone`); weights as `create_backbone`."""
+    return SpatialBackbone(
+        create_backbone(name, in_chans, pretrained, pretrained_path, drop_path_rate).model
+    )
+
+
 def create_backbone(
     name: str,
     in_chans: int = 1,

@@ -68,10 +68,10 @@ class EngineConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     precision: str = "auto"  # auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
     progress_bar: bool = True
-    # Which weights a fold keeps (and predicts its OOF with): "best" = the epoch of lowest
-    # val_loss (chosen on the fold's own validation studies, so its OOF is slightly optimistic),
-    # "last" = the final epoch (an unbiased OOF for a fixed schedule).
-    keep: str = "best"
+    # Which weights a fold keeps (and predicts its OOF with): "last" = the final epoch (an
+    # unbiased OOF for a fixed schedule, the default); "best" = the epoch of lowest val_loss,
+    # chosen on the fold's own validation studies, so its OOF flatters the model.
+    keep: str = "last"
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -88,6 +88,9 @@ class TrainTask:
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     loss_fn: LossFn | None = None  # default: metric_loss on outputs["logits"]
     extra: dict[str, Any] = field(default_factory=dict)  # stored in run.json (e.g. cache path)
+    # Further model outputs kept with the OOF predictions (e.g. "keypoints"): float arrays
+    # (B, ...) per batch, saved in oof.npz as `out_<name>` and returned in CVResult.outputs.
+    oof_outputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -100,6 +103,7 @@ class CVResult:
     prior_score: dict[str, float]
     fold_seconds: dict[int, float]
     epoch_seconds: float  # mean wall time of one training epoch (train + validation)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # TrainTask.oof_outputs
 
 
 # --------------------------------------------------------------------------- Lightning module
@@ -111,7 +115,9 @@ def _lightning():
     return L
 
 
-def build_lit_module(model: nn.Module, cfg: EngineConfig, loss_fn: LossFn | None) -> Any:
+def build_lit_module(
+    model: nn.Module, cfg: EngineConfig, loss_fn: LossFn | None, outputs: Sequence[str] = ()
+) -> Any:
     """A LightningModule around `model` (created lazily so importing this module stays light)."""
     L = _lightning()
 
@@ -159,7 +165,8 @@ def build_lit_module(model: nn.Module, cfg: EngineConfig, loss_fn: LossFn | None
 
         def predict_step(self, batch, batch_idx):
             out = self.model(batch)
-            return batch["study_id"].cpu(), out["logits"].float().softmax(-1).cpu()
+            extra = {k: out[k].float().cpu() for k in outputs}
+            return batch["study_id"].cpu(), out["logits"].float().softmax(-1).cpu(), extra
 
         def configure_optimizers(self):
             decay, no_decay = [], []
@@ -308,8 +315,9 @@ def _train_fold(
     train_ids: list[int],
     val_ids: list[int],
     callbacks: Sequence[Any] = (),
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Train (or resume) one fold; returns (val study ids, val probs (n, 25, 3), mean epoch s)."""
+) -> tuple[np.ndarray, np.ndarray, float, dict[str, np.ndarray]]:
+    """Train (or resume) one fold; returns (val study ids, val probs (n, 25, 3), mean epoch s,
+    the task's `oof_outputs` of the val studies)."""
     L = _lightning()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -318,7 +326,7 @@ def _train_fold(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = fold_dir / "checkpoints"
     model = build_model(task.model_name, **task.model_kwargs)
-    lit = build_lit_module(model, cfg, task.loss_fn)
+    lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs)
     accel, precision = resolve_precision(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -359,9 +367,10 @@ def _train_fold(
     outputs = trainer.predict(lit, val_dl)
     ids = torch.cat([o[0] for o in outputs]).numpy()
     probs = torch.cat([o[1] for o in outputs]).numpy().astype(np.float64)
+    extra = {k: torch.cat([o[2][k] for o in outputs]).numpy() for k in task.oof_outputs}
     entries = history.entries
     epoch_s = float(np.mean([e["seconds"] for e in entries])) if entries else float("nan")
-    return ids, probs, epoch_s
+    return ids, probs, epoch_s, extra
 
 
 def run_cross_validation(
@@ -410,6 +419,7 @@ def run_cross_validation(
     )
 
     oof_ids, oof_probs, fold_seconds, epoch_seconds = [], [], {}, []
+    oof_extra: dict[str, list[np.ndarray]] = {k: [] for k in task.oof_outputs}
     for k in selected:
         fold_dir = run_dir / f"fold{k}"
         fold_dir.mkdir(exist_ok=True)
@@ -419,21 +429,28 @@ def run_cross_validation(
 
             arrays, meta = load_npz(fold_dir / "oof.npz")
             vids, vprobs, secs = arrays["study_ids"], arrays["probs"], meta["epoch_seconds"]
+            extra = {k: arrays[f"out_{k}"] for k in task.oof_outputs}
             fold_seconds[k] = float(json.loads(done.read_text())["seconds"])
         else:
             t0 = time.perf_counter()
             train_ids = ids[folds != k].tolist()
             val_ids = ids[folds == k].tolist()
-            vids, vprobs, secs = _train_fold(task, cfg, fold_dir, train_ids, val_ids, callbacks)
+            vids, vprobs, secs, extra = _train_fold(
+                task, cfg, fold_dir, train_ids, val_ids, callbacks
+            )
             fold_seconds[k] = time.perf_counter() - t0
             save_npz(
-                fold_dir / "oof.npz", {"study_ids": vids, "probs": vprobs}, {"epoch_seconds": secs}
+                fold_dir / "oof.npz",
+                {"study_ids": vids, "probs": vprobs, **{f"out_{n}": v for n, v in extra.items()}},
+                {"epoch_seconds": secs},
             )
             atomic_write_json(
                 done, {"fold": k, "seconds": fold_seconds[k], "val_studies": len(vids)}
             )
         oof_ids.append(vids)
         oof_probs.append(vprobs)
+        for name, value in extra.items():
+            oof_extra[name].append(value)
         epoch_seconds.append(secs)
 
     all_ids = np.concatenate(oof_ids)
@@ -453,7 +470,17 @@ def run_cross_validation(
     from lsdc.inference.submission import build_submission, write_submission
 
     write_submission(build_submission(all_ids, probs), run_dir / "oof.csv")
-    save_npz(run_dir / "oof.npz", {"study_ids": all_ids, "probs": probs, "labels": oof_labels}, {})
+    outputs = {k: np.concatenate(v) for k, v in oof_extra.items()}
+    save_npz(
+        run_dir / "oof.npz",
+        {
+            "study_ids": all_ids,
+            "probs": probs,
+            "labels": oof_labels,
+            **{f"out_{k}": v for k, v in outputs.items()},
+        },
+        {},
+    )
     result = CVResult(
         run_dir=run_dir,
         study_ids=all_ids,
@@ -463,6 +490,7 @@ def run_cross_validation(
         prior_score=prior_score,
         fold_seconds=fold_seconds,
         epoch_seconds=float(np.nanmean(epoch_seconds)) if epoch_seconds else float("nan"),
+        outputs=outputs,
     )
     atomic_write_json(
         run_dir / SUMMARY_FILE,

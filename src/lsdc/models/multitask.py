@@ -1,0 +1,351 @@
+"""Multitask model: keypoints and severity on 3-slice crops, then a second look at each keypoint.
+
+Input: a batch of `lsdc.data.multitask` (two crop groups, sagittal and axial, each a dense
+(B, n, 3, H, W) tensor in [0, 1]; fine sources for the second pass; `teacher` flags and true
+`points` when teacher forcing). Every per-keypoint output is in target order (25 = `TARGETS`):
+each target has exactly one keypoint, in one crop.
+
+First pass, per crop: a timm backbone with the 3 slices as channels gives a stride-8 map and a
+coarse map, fused into one map (`fuse`). The keypoint head is a heatmap per keypoint with a
+soft-argmax (`keypoint_head="heatmap"`) or a direct regression from pooled features
+(`"regression"`); both give x/y normalised to the crop ([0, 1] edge to edge) and a visibility
+logit. Severity of a keypoint comes from the fused features sampled at its predicted position
+plus the crop's global features, through one head per condition and level.
+
+Second pass, per keypoint: a window centred on the predicted keypoint (on the true one where the
+batch asks for teacher forcing) is sampled from the finest pixels the batch carries, upsampled
+(`upsample`: "sr" with a `lsdc.models.superres` network, "bicubic", or "none", which samples the
+window directly at the output size), embedded by the same backbone (`second_backbone="shared"`)
+or a second one, and classified by one head per condition and level. With `share_sides`, a left
+and a right target share their heads and right-side axial windows are mirrored so they look like
+left ones.
+
+The two passes are combined by averaging their log-probabilities (a geometric mean of the two
+predictions; `combine="average"`) or with a learned per-target weight (`"learned"`). Crops that
+do not exist (a missing series) give their targets a learned per-target prior instead.
+
+Outputs (dict): logits (B, 25, 3) combined; logits_first, logits_second (B, 25, 3);
+keypoints (B, 25, 2) normalised crop x/y; visibility (B, 25) logits; heatmaps_<group>
+(B * n, K, h, w) logits (heatmap head only); crop_present (B, 25) bool.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsdc.constants import SEVERITIES, TARGETS, mirror_target
+from lsdc.data.multitask import GROUPS
+from lsdc.models.backbones import create_backbone, create_spatial_backbone
+from lsdc.models.registry import register_model
+
+N_TARGETS = len(TARGETS)
+N_CLASSES = len(SEVERITIES)
+# Pixels are [0, 1] in the batch; the networks see (x - MEAN) / STD.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
+
+
+def soft_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) logits -> (N, K, 2) expected x/y, normalised to [0, 1] edge to edge (cell
+    centres at (j + 0.5) / w)."""
+    n, k, h, w = heatmaps.shape
+    p = heatmaps.float().flatten(2).softmax(-1).reshape(n, k, h, w)
+    xs = (torch.arange(w, device=p.device, dtype=p.dtype) + 0.5) / w
+    ys = (torch.arange(h, device=p.device, dtype=p.dtype) + 0.5) / h
+    return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1)
+
+
+def sample_points(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear features (N, K, C) of a map (N, C, h, w) at normalised points (N, K, 2)."""
+    grid = (points * 2 - 1)[:, :, None, :]  # (N, K, 1, 2) in grid_sample's frame
+    out = F.grid_sample(fmap, grid.to(fmap.dtype), align_corners=False, padding_mode="border")
+    return out[..., 0].transpose(1, 2)
+
+
+def window_grid(
+    centres: torch.Tensor, half: float, size: int, scale_xy: torch.Tensor
+) -> torch.Tensor:
+    """Sampling grid (N, size, size, 2) of square windows of half-side `half` (normalised to the
+    crop) at `centres` (N, 2) normalised; `scale_xy` (N, 2) maps the crop frame to a padded
+    source (true size / padded size), both in grid_sample's [-1, 1] convention."""
+    t = (torch.arange(size, device=centres.device, dtype=centres.dtype) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(t, t, indexing="ij")  # (size, size)
+    offs = torch.stack([gx, gy], dim=-1) * half  # window offsets in crop units
+    pts = centres[:, None, None, :] + offs[None]  # (N, size, size, 2) in [0, 1] crop units
+    return pts * 2 * scale_xy[:, None, None, :] - 1
+
+
+class TargetHeads(nn.Module):
+    """One linear classifier per head index; `index` maps each of the 25 targets to its head."""
+
+    def __init__(self, in_features: int, index: list[int]) -> None:
+        super().__init__()
+        n = max(index) + 1
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
+        self.weight = nn.Parameter(torch.randn(n, in_features, N_CLASSES) * in_features**-0.5)
+        self.bias = nn.Parameter(torch.zeros(n, N_CLASSES))
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """x (N, in_features) features of target `targets` (N,) -> logits (N, 3)."""
+        heads = self.index[targets]
+        return torch.einsum("nf,nfc->nc", x, self.weight[heads]) + self.bias[heads]
+
+
+def _head_index(share_sides: bool) -> list[int]:
+    """Head of each target: its own, or with `share_sides` its left counterpart's."""
+    if not share_sides:
+        return list(range(N_TARGETS))
+    canon = [mirror_target(t) if t.startswith("right_") else t for t in TARGETS]
+    names = list(dict.fromkeys(canon))
+    return [names.index(t) for t in canon]
+
+
+@register_model("multitask")
+class MultitaskModel(nn.Module):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        drop_path_rate: float = 0.0,
+        feature_dim: int = 128,
+        hidden_dim: int = 256,
+        dropout: float = 0.2,
+        keypoint_head: str = "heatmap",
+        second_pass: bool = True,
+        second_backbone: str = "shared",
+        window_sagittal: float = 0.14,
+        window_axial: float = 0.22,
+        window_px: int = 32,
+        upsample: str = "bicubic",
+        sr_scale: int = 2,
+        sr_path: str | None = None,
+        sr_kwargs: dict | None = None,
+        combine: str = "average",
+        share_sides: bool = False,
+    ) -> None:
+        super().__init__()
+        if keypoint_head not in ("heatmap", "regression"):
+            raise ValueError(
+                f"keypoint_head must be 'heatmap' or 'regression', not {keypoint_head!r}"
+            )
+        if upsample not in ("sr", "bicubic", "none"):
+            raise ValueError(f"upsample must be 'sr', 'bicubic' or 'none', not {upsample!r}")
+        if combine not in ("average", "learned"):
+            raise ValueError(f"combine must be 'average' or 'learned', not {combine!r}")
+        self.keypoint_head = keypoint_head
+        self.second_pass = second_pass
+        self.windows = {"sagittal": window_sagittal, "axial": window_axial}
+        self.window_px = window_px
+        self.upsample_mode = upsample
+        self.sr_scale = sr_scale
+        self.combine = combine
+        self.share_sides = share_sides
+
+        self.backbone = create_spatial_backbone(
+            backbone, 3, pretrained, pretrained_path, drop_path_rate
+        )
+        fc, nf, d = self.backbone.fine_channels, self.backbone.num_features, feature_dim
+        self.lateral_fine = nn.Conv2d(fc, d, 1)
+        self.lateral_coarse = nn.Conv2d(nf, d, 1)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(d, d, 3, padding=1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True)
+        )
+        self.global_proj = nn.Sequential(nn.Linear(nf, d), nn.LayerNorm(d), nn.GELU())
+        k_of = {g.name: len(g.targets[0]) for g in GROUPS}
+        # Keypoint heads per group (their K differ: 5 sagittal, 2 axial).
+        self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
+        self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+        self.visible = nn.ModuleDict({g: nn.Linear(d, k) for g, k in k_of.items()})
+        index = _head_index(share_sides)
+        self.first_mlp = nn.Sequential(nn.Linear(2 * d, hidden_dim), nn.GELU(), nn.Dropout(dropout))
+        self.first_heads = TargetHeads(hidden_dim, index)
+        self.prior_logits = nn.Parameter(torch.zeros(N_TARGETS, N_CLASSES))
+
+        if second_pass:
+            if second_backbone == "shared":
+                self.second = None
+                n2 = nf
+            else:
+                self.second = create_backbone(second_backbone, 3, pretrained=False)
+                n2 = self.second.num_features
+            self.second_mlp = nn.Sequential(
+                nn.Linear(n2, hidden_dim), nn.GELU(), nn.Dropout(dropout)
+            )
+            self.second_heads = TargetHeads(hidden_dim, index)
+            self.mix = nn.Parameter(torch.zeros(N_TARGETS))  # learned combination, sigmoid
+            self.sr: nn.Module | None = None
+            if upsample == "sr":
+                from lsdc.models.superres import SuperResolution, load_sr
+
+                # Training loads the weights of a `lsdc train sr` run (`sr_path`); inference
+                # builds the architecture (`sr_kwargs`) and restores the weights from this
+                # model's own checkpoint, so a run folder does not depend on the SR run's path.
+                if sr_path:
+                    self.sr = load_sr(sr_path)
+                else:
+                    self.sr = SuperResolution(**(sr_kwargs or {"scale": sr_scale}))
+                self.sr_scale = int(self.sr.scale)
+                for p in self.sr.parameters():
+                    p.requires_grad_(False)  # trained on its own task; kept fixed here
+
+        # Target index tensors per group: (n_crops, K).
+        for g in GROUPS:
+            self.register_buffer(
+                f"targets_{g.name}", torch.as_tensor(g.targets, dtype=torch.long), persistent=False
+            )
+        right_axial = [
+            j for g in GROUPS if g.name == "axial" for c in g.targets for j in c
+            if TARGETS[j].startswith("right_")
+        ]  # fmt: skip
+        self.register_buffer(
+            "right_axial", torch.as_tensor(right_axial, dtype=torch.long), persistent=False
+        )
+
+    # ------------------------------------------------------------------ timm-style API
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops (N, 3, H, W) in [0, 1] -> fused map (N, D, H/8, W/8), global (N, D)."""
+        fine, coarse = self.backbone((x - PIXEL_MEAN) / PIXEL_STD)
+        top = F.interpolate(self.lateral_coarse(coarse), size=fine.shape[-2:], mode="nearest")
+        fmap = self.fuse(self.lateral_fine(fine) + top)
+        return fmap, self.global_proj(coarse.mean(dim=(2, 3)))
+
+    def forward_keypoints(
+        self, group: str, fmap: torch.Tensor, glob: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(points (N, K, 2) normalised, visibility logits (N, K), heatmaps (N, K, h, w))."""
+        vis = self.visible[group](glob)
+        if self.keypoint_head == "heatmap":
+            hm = self.heatmap[group](fmap)
+            return soft_argmax(hm), vis, hm
+        k = vis.shape[1]
+        return self.regress[group](glob).sigmoid().reshape(-1, k, 2), vis, None
+
+    def forward_head(
+        self, fmap: torch.Tensor, glob: torch.Tensor, points: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """First-pass logits (N, K, 3) from features at `points` (N, K, 2) plus global ones."""
+        n, k = points.shape[:2]
+        local = sample_points(fmap, points)  # (N, K, D)
+        feats = torch.cat([local, glob[:, None].expand(-1, k, -1)], dim=-1)
+        h = self.first_mlp(feats).reshape(n * k, -1)
+        return self.first_heads(h, targets.reshape(-1)).reshape(n, k, N_CLASSES)
+
+    def windows_at(
+        self,
+        group: str,
+        fine: torch.Tensor,
+        fine_hw: torch.Tensor,
+        centres: torch.Tensor,
+        upsampled: bool = True,
+    ) -> torch.Tensor:
+        """Second-pass windows: fine sources (N, 3, H, W) padded, their sizes (N, 2) (h, w),
+        centres (N, K, 2) normalised -> (N * K, 3, P, P), P = window_px * sr_scale (with
+        `upsampled=False`, the sampled window before upsampling)."""
+        n, k = centres.shape[:2]
+        scale = fine_hw.flip(-1).to(centres.dtype) / centres.new_tensor(fine.shape[-1:-3:-1])
+        out_px = self.window_px * self.sr_scale
+        px = out_px if self.upsample_mode == "none" else self.window_px
+        grid = window_grid(
+            centres.reshape(n * k, 2),
+            self.windows[group],
+            px,
+            scale.repeat_interleave(k, dim=0),
+        )
+        src = fine.repeat_interleave(k, dim=0)
+        win = F.grid_sample(src, grid.to(src.dtype), align_corners=False, padding_mode="zeros")
+        if not upsampled:
+            return win
+        if self.upsample_mode == "bicubic":
+            win = F.interpolate(win, scale_factor=self.sr_scale, mode="bicubic").clamp(0, 1)
+        elif self.upsample_mode == "sr":
+            assert self.sr is not None
+            with torch.no_grad():
+                self.sr.eval()
+                win = self.sr(win).clamp(0, 1)  # each slice (channel) is one image
+        return win
+
+    def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(M, 3, P, P) in [0, 1] -> pooled features (M, F) of the second-pass backbone."""
+        x = (windows - PIXEL_MEAN) / PIXEL_STD
+        if self.second is not None:
+            return self.second(x)
+        return self.backbone(x)[1].mean(dim=(2, 3))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ref = batch[f"{GROUPS[0].name}_images"]
+        b = ref.shape[0]
+        dev = ref.device
+        logits1 = ref.new_zeros(b, N_TARGETS, N_CLASSES)
+        logits2 = ref.new_zeros(b, N_TARGETS, N_CLASSES)
+        keypoints = ref.new_zeros(b, N_TARGETS, 2)
+        visibility = ref.new_zeros(b, N_TARGETS)
+        present = torch.zeros(b, N_TARGETS, dtype=torch.bool, device=dev)
+        out: dict[str, torch.Tensor] = {}
+        teacher = batch.get("teacher")
+        for g in GROUPS:
+            images = batch[f"{g.name}_images"]  # (B, n, 3, H, W)
+            n = images.shape[1]
+            targets = getattr(self, f"targets_{g.name}")  # (n, K)
+            k = targets.shape[1]
+            tgt = targets[None].expand(b, -1, -1).reshape(b * n, k)
+            fmap, glob = self.forward_features(images.flatten(0, 1))
+            points, vis, hm = self.forward_keypoints(g.name, fmap, glob)  # (B*n, K, 2)
+            if hm is not None:
+                out[f"heatmaps_{g.name}"] = hm
+            first = self.forward_head(fmap, glob, points.detach(), tgt)  # (B*n, K, 3)
+            flat_t = tgt.reshape(b, n * k)
+            logits1.scatter_(1, flat_t[..., None].expand(-1, -1, 3), first.reshape(b, n * k, 3))
+            keypoints.scatter_(1, flat_t[..., None].expand(-1, -1, 2), points.reshape(b, n * k, 2))
+            visibility.scatter_(1, flat_t, vis.reshape(b, n * k))
+            crop_present = batch[f"{g.name}_present"][..., None].expand(-1, -1, k)  # (B, n, K)
+            present.scatter_(1, flat_t, crop_present.reshape(b, n * k))
+            if not self.second_pass:
+                continue
+            centres = points.detach().reshape(b, n, k, 2)
+            if teacher is not None and "points" in batch:
+                true = batch["points"][:, targets]  # (B, n, K, 2)
+                use = teacher[:, None, None] & batch["point_mask"][:, targets]
+                centres = torch.where(use[..., None], true.to(centres.dtype), centres)
+            windows = self.windows_at(
+                g.name,
+                batch[f"{g.name}_fine"].flatten(0, 1),
+                batch[f"{g.name}_fine_hw"].flatten(0, 1),
+                centres.reshape(b * n, k, 2),
+            )  # (B*n*K, 3, P, P)
+            flat_targets = tgt.reshape(-1)
+            if self.share_sides and g.name == "axial":
+                # Right-side windows mirrored: one head reads both sides the same way.
+                right = torch.isin(flat_targets, self.right_axial)
+                windows = torch.where(right[:, None, None, None], windows.flip(-1), windows)
+            feats = self.second_mlp(self.embed_windows(windows))
+            second = self.second_heads(feats, flat_targets).reshape(b, n * k, 3)
+            logits2.scatter_(1, flat_t[..., None].expand(-1, -1, 3), second)
+        prior = self.prior_logits[None].expand(b, -1, -1)
+        logits1 = torch.where(present[..., None], logits1, prior)
+        if self.second_pass:
+            logits2 = torch.where(present[..., None], logits2, prior)
+            lp1, lp2 = logits1.log_softmax(-1), logits2.log_softmax(-1)
+            if self.combine == "learned":
+                w = self.mix.sigmoid()[None, :, None]
+                logits = w * lp1 + (1 - w) * lp2
+            else:
+                logits = 0.5 * (lp1 + lp2)
+        else:
+            logits = logits1
+        out.update(
+            logits=logits,
+            logits_first=logits1,
+            logits_second=logits2 if self.second_pass else logits1,
+            keypoints=keypoints,
+            visibility=visibility,
+            crop_present=present,
+        )
+        return out

@@ -1,0 +1,302 @@
+"""`lsdc train multitask`: the multitask model on a multitask cache, through the shared engine.
+
+Loss (`multitask_loss`): the metric-shaped severity loss (`losses.metric_loss`) on the combined
+logits, plus the same loss on each pass alone (auxiliary, so neither pass leans on the other),
+plus the keypoint terms: L1 between predicted and true normalised crop coordinates, a
+cross-entropy of the heatmap against the true point's cell (heatmap head; CenterNet-like), and a
+binary visibility loss. Missing crops, keypoints and labels are masked in every term; the
+visibility term counts only studies that have coordinates at all.
+
+Teacher forcing: during the first `data.augment.teacher_epochs` epochs, a study's second pass is
+centred on the true keypoints with a probability that falls linearly from
+`data.augment.teacher_start` to 0 (`lsdc.data.multitask`); after that, and always at validation
+and inference, on the predicted ones.
+
+summary.json adds `keypoint_error_mm` (median, p90 and count per series type) of the
+out-of-fold keypoints, measured in-plane on the series grid where the study has coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lsdc.config import config_to_dict, load_config, save_config
+from lsdc.data.multitask import (
+    GROUPS,
+    MultitaskDataConfig,
+    MultitaskDataset,
+    collate_multitask,
+    read_labels,
+)
+from lsdc.fileio import atomic_write_json
+from lsdc.preprocess.cache import StudyCache
+from lsdc.training.engine import (
+    SUMMARY_FILE,
+    CVResult,
+    EngineConfig,
+    TrainTask,
+    run_cross_validation,
+)
+from lsdc.training.losses import LossConfig, metric_loss
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class MultitaskModelConfig:
+    """Keyword arguments of `lsdc.models.multitask.MultitaskModel`."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    drop_path_rate: float = 0.0
+    feature_dim: int = 128
+    hidden_dim: int = 256
+    dropout: float = 0.2
+    keypoint_head: str = "heatmap"  # heatmap | regression
+    second_pass: bool = True
+    second_backbone: str = "shared"  # shared | a timm model name
+    window_sagittal: float = 0.1  # half side of a second-pass window, fraction of the crop
+    window_axial: float = 0.18
+    window_px: int = 32  # window sampled at this size, then upsampled x sr_scale
+    upsample: str = "bicubic"  # sr | bicubic | none
+    sr_scale: int = 2
+    combine: str = "average"  # average | learned
+    share_sides: bool = False
+
+
+@dataclass
+class MultitaskLossConfig:
+    first_weight: float = 0.5  # metric loss of the first pass alone
+    second_weight: float = 0.5  # metric loss of the second pass alone
+    keypoint_weight: float = 5.0  # L1 of normalised coordinates (errors are ~0.01-0.1)
+    heatmap_weight: float = 0.1
+    visibility_weight: float = 0.1
+
+
+@dataclass
+class MultitaskTrainConfig:
+    model: MultitaskModelConfig = field(default_factory=MultitaskModelConfig)
+    data: MultitaskDataConfig = field(default_factory=MultitaskDataConfig)
+    loss: MultitaskLossConfig = field(default_factory=MultitaskLossConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # A `lsdc train sr` run folder (or a .safetensors file with its sr.json); required when
+    # model.upsample=sr.
+    sr_run: str | None = None
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def keypoint_losses(
+    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Masked keypoint terms: `keypoint_l1`, `heatmap_ce` (heatmap head), `visibility`."""
+    pred, true = out["keypoints"].float(), batch["points"].float()
+    valid = batch["point_mask"] & out["crop_present"]  # (B, 25)
+    terms: dict[str, torch.Tensor] = {}
+    zero = pred.sum() * 0.0
+    if bool(valid.any()):
+        terms["keypoint_l1"] = (pred - true).abs().sum(-1)[valid].mean()
+    else:
+        terms["keypoint_l1"] = zero
+    ce, count = zero, 0
+    for g in GROUPS:
+        hm = out.get(f"heatmaps_{g.name}")
+        if hm is None:
+            continue
+        targets = torch.as_tensor(g.targets, device=hm.device)  # (n, K)
+        t = true[:, targets].flatten(0, 1)  # (B*n, K, 2)
+        m = valid[:, targets].flatten(0, 1)  # (B*n, K)
+        if not bool(m.any()):
+            continue
+        h, w = hm.shape[-2:]
+        col = (t[..., 0] * w).long().clamp(0, w - 1)
+        row = (t[..., 1] * h).long().clamp(0, h - 1)
+        cell = row * w + col
+        logits = hm.float().flatten(2)[m]  # (M, h*w)
+        ce = ce + F.cross_entropy(logits, cell[m], reduction="sum")
+        count += int(m.sum())
+    if count:
+        terms["heatmap_ce"] = ce / count
+    known = batch["has_coords"][:, None] & out["crop_present"]
+    if bool(known.any()):
+        terms["visibility"] = F.binary_cross_entropy_with_logits(
+            out["visibility"].float()[known], batch["point_mask"].float()[known]
+        )
+    return terms
+
+
+def multitask_loss(
+    out: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    cfg: MultitaskLossConfig,
+    severity: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """The training loss (module docstring): dict with `loss` and every term, detached."""
+    labels = batch["labels"]
+    main = metric_loss(out["logits"], labels, severity)
+    total = main["loss"]
+    terms = {"severity": main["loss"].detach()}
+    if "logits_first" in out and cfg.first_weight:
+        first = metric_loss(out["logits_first"], labels, severity)["loss"]
+        total = total + cfg.first_weight * first
+        terms["severity_first"] = first.detach()
+    if "logits_second" in out and cfg.second_weight:
+        second = metric_loss(out["logits_second"], labels, severity)["loss"]
+        total = total + cfg.second_weight * second
+        terms["severity_second"] = second.detach()
+    weights = {
+        "keypoint_l1": cfg.keypoint_weight,
+        "heatmap_ce": cfg.heatmap_weight,
+        "visibility": cfg.visibility_weight,
+    }
+    for name, value in keypoint_losses(out, batch).items():
+        total = total + weights[name] * value
+        terms[name] = value.detach()
+    return {"loss": total, **terms}
+
+
+# --------------------------------------------------------------------------- task
+
+
+def _make_dataset(
+    cache_dir: str, data: MultitaskDataConfig, seed: int, ids: list[int], train: bool
+) -> MultitaskDataset:
+    return MultitaskDataset(cache_dir, ids, config=data, train=train, seed=seed)
+
+
+def _model_kwargs(cfg: MultitaskTrainConfig) -> dict[str, Any]:
+    kwargs = config_to_dict(cfg.model)
+    if cfg.model.upsample == "sr":
+        if not cfg.sr_run:
+            raise ValueError("model.upsample=sr needs sr_run=<a `lsdc train sr` run folder>")
+        from lsdc.models.superres import load_sr
+
+        sr = load_sr(cfg.sr_run)  # fails here, naming the file, before any training
+        kwargs.update(sr_path=str(Path(cfg.sr_run).resolve()), sr_kwargs=sr.kwargs)
+    return kwargs
+
+
+def multitask_task(cache_dir: str | Path, cfg: MultitaskTrainConfig) -> TrainTask:
+    """A `TrainTask` over the labelled studies of a multitask train cache."""
+    cache = StudyCache.open(cache_dir)
+    if cache.pipeline != "multitask":
+        raise ValueError(f"{cache_dir}: a {cache.pipeline!r} cache, not a 'multitask' cache")
+    if cache.config.get("split") != "train":
+        raise ValueError(f"{cache_dir}: training needs a train-split cache")
+    all_ids = cache.study_ids()
+    if not all_ids:
+        raise ValueError(f"{cache_dir}: the cache holds no studies")
+    MultitaskDataset(cache, all_ids[:1])  # refuses an old cache format before anything runs
+    labels = read_labels(cache, all_ids)
+    labelled = (labels >= 0).any(axis=1)
+    ids = [s for s, ok in zip(all_ids, labelled, strict=True) if ok]
+    root = str(Path(cache_dir).resolve())
+    return TrainTask(
+        name="multitask",
+        model_name="multitask",
+        model_kwargs=_model_kwargs(cfg),
+        study_ids=ids,
+        labels=labels[labelled],
+        make_dataset=partial(_make_dataset, root, cfg.data, cfg.engine.seed),
+        collate=collate_multitask,
+        loss_fn=partial(multitask_loss, cfg=cfg.loss, severity=cfg.engine.loss),
+        extra={
+            "cache_dir": root,
+            "cache_config": cache.config,
+            "data_config": config_to_dict(cfg.data),
+        },
+        oof_outputs=("keypoints", "visibility"),
+    )
+
+
+# --------------------------------------------------------------------------- keypoint error
+
+
+def keypoint_errors_mm(
+    cache: StudyCache | str | Path, study_ids: Sequence[int], keypoints: np.ndarray
+) -> dict[str, np.ndarray]:
+    """In-plane error (mm) of predicted keypoints (n, 25, 2), normalised crop x/y in target
+    order, against the cache's true keypoints, per series type (only known, present points)."""
+    from lsdc.preprocess.multitask import load_multitask_study
+
+    if not isinstance(cache, StudyCache):
+        cache = StudyCache.open(cache)
+    out: dict[str, list[float]] = {}
+    group_targets = {k: t for g in GROUPS for k, t in zip(g.keys, g.targets, strict=True)}
+    for sid, pred in zip(study_ids, keypoints, strict=True):
+        for c in load_multitask_study(cache, int(sid)):
+            if not c.present or not c.keypoint_mask.any():
+                continue
+            y0, y1, x0, x1 = c.window
+            h, w = c.image.shape[-2:]
+            true = (c.keypoints + 0.5) / np.array([w, h])  # normalised
+            p = pred[list(group_targets[c.key])]
+            d = (p - true) * np.array([x1 - x0, y1 - y0])  # series-grid pixels
+            row_mm, col_mm = c.pixel_spacing
+            mm = np.hypot(d[:, 0] * col_mm, d[:, 1] * row_mm)[c.keypoint_mask]
+            out.setdefault(c.series_type, []).extend(mm.tolist())
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def summarise_errors(errors: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Median, p90 and count of each series type's errors (and of all of them)."""
+    every = np.concatenate(list(errors.values())) if errors else np.empty(0)
+    out = {}
+    for name, e in {**errors, "all": every}.items():
+        if len(e):
+            out[name] = {
+                "median": float(np.median(e)),
+                "p90": float(np.quantile(e, 0.9)),
+                "n": len(e),
+            }
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train_multitask(
+    cache_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    folds: int | None = None,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    config_path: str | Path | None = None,
+) -> CVResult:
+    """Cross-validate the multitask model on `cache_dir` into `run_dir` (resumable)."""
+    import json
+
+    cfg = load_config(MultitaskTrainConfig, config_path, overrides)
+    if folds is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, folds=int(folds))
+    if epochs is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, epochs=int(epochs))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / CONFIG_FILE
+    if saved.exists() and load_config(MultitaskTrainConfig, saved) != cfg:
+        raise ValueError(
+            f"{saved}: this run folder was started with another configuration; "
+            "resume with the same settings or use a new --out folder"
+        )
+    task = multitask_task(cache_dir, cfg)
+    save_config(cfg, saved)
+    result = run_cross_validation(run_dir, task, cfg.engine)
+    errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])
+    summary_path = run_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text())
+    summary["keypoint_error_mm"] = summarise_errors(errors)
+    atomic_write_json(summary_path, summary)
+    return result

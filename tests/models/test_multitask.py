@@ -1,0 +1,143 @@
+"""The multitask model: shapes, masks, keypoint geometry, windows, one optimisation step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsdc.constants import TARGETS
+from lsdc.data.multitask import GROUPS, MultitaskDataset, collate_multitask
+from lsdc.models.multitask import MultitaskModel, sample_points, soft_argmax, window_grid
+from lsdc.models.registry import build_model
+
+TINY = dict(backbone="resnet10t", feature_dim=16, hidden_dim=16, window_px=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions on a shared 2-core machine run much faster on one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def batch(toy_multitask_cache):
+    cache = toy_multitask_cache(n_studies=2, size=32, hires=48, absent={1: "axial_t2__l1_l2"})
+    return collate_multitask([MultitaskDataset(cache)[i] for i in range(2)])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"keypoint_head": "regression", "combine": "learned"},
+        {"second_pass": False},
+        {"second_backbone": "resnet10t", "upsample": "none", "share_sides": True},
+    ],
+)
+def test_outputs_and_masks(batch, kwargs):
+    model = build_model("multitask", **TINY, **kwargs).eval()
+    out = model(batch)
+    assert out["logits"].shape == (2, 25, 3)
+    assert out["keypoints"].shape == (2, 25, 2) and out["visibility"].shape == (2, 25)
+    assert ((out["keypoints"] >= 0) & (out["keypoints"] <= 1)).all()
+    # The absent crop's targets get the learned prior, whatever its (zero) pixels say.
+    absent = [TARGETS.index(f"{s}_subarticular_stenosis_l1_l2") for s in ("left", "right")]
+    assert not out["crop_present"][1, absent].any() and out["crop_present"][0].all()
+    prior = model.prior_logits.detach()[absent]
+    torch.testing.assert_close(out["logits_first"][1, absent], prior)
+
+
+def test_soft_argmax_and_point_sampling_agree_on_a_bright_dot():
+    hm = torch.full((1, 1, 16, 16), -30.0)
+    hm[0, 0, 5, 11] = 30.0  # cell (x=11, y=5)
+    xy = soft_argmax(hm)[0, 0]
+    torch.testing.assert_close(xy, torch.tensor([11.5 / 16, 5.5 / 16]))
+    fmap = torch.zeros(1, 2, 16, 16)
+    fmap[0, 1, 5, 11] = 7.0
+    assert sample_points(fmap, xy[None, None])[0, 0].tolist() == [0.0, 7.0]
+
+
+def test_window_is_centred_on_its_point_in_a_padded_source():
+    src = torch.zeros(1, 1, 40, 64)  # true size 40 x 40, padded to width 64
+    src[0, 0, 10, 30] = 1.0
+    centre = torch.tensor([[(30 + 0.5) / 40, (10 + 0.5) / 40]])
+    scale = torch.tensor([[40 / 64, 40 / 40]])
+    grid = window_grid(centre, half=0.1, size=9, scale_xy=scale)
+    win = torch.nn.functional.grid_sample(src, grid, align_corners=False)[0, 0]
+    assert divmod(int(win.argmax()), 9) == (4, 4)  # the dot lands on the window's centre
+
+
+def test_the_keypoint_head_finds_a_bright_dot_within_one_pixel():
+    # Train the first pass's keypoint path alone on images of two dots (an axial crop's two
+    # points) and check the soft-argmax lands within one pixel on new images.
+    torch.manual_seed(0)
+    model = MultitaskModel(backbone="resnet10t", feature_dim=32, hidden_dim=16, second_pass=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    size = 48
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pts = torch.rand(n, 2, 2) * 0.6 + 0.2  # normalised x/y of the left and right dot
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        img = torch.rand(n, 3, size, size) * 0.2
+        for k in range(2):
+            cx = pts[:, k, 0] * size - 0.5
+            cy = pts[:, k, 1] * size - 0.5
+            d2 = (xx[None] - cx[:, None, None]) ** 2 + (yy[None] - cy[:, None, None]) ** 2
+            img += (0.9 * torch.exp(-d2 / 2.0) * (1 + k))[:, None]  # the right dot is brighter
+        return img.clamp(0, 1), pts
+
+    for _ in range(150):
+        x, pts = sample(16)
+        fmap, glob = model.forward_features(x)
+        pred, _, _ = model.forward_keypoints("axial", fmap, glob)
+        loss = (pred - pts).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        x, pts = sample(32)
+        pred, _, _ = model.forward_keypoints("axial", *model.forward_features(x))
+    err_px = ((pred - pts) * size).norm(dim=-1)
+    assert err_px.median() < 1.0, err_px
+
+
+def test_a_training_step_lowers_the_loss_on_a_fixed_batch(batch):
+    from lsdc.training.losses import LossConfig
+    from lsdc.training.multitask import MultitaskLossConfig, multitask_loss
+
+    torch.manual_seed(0)
+    model = build_model("multitask", **TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = multitask_loss(model(batch), batch, MultitaskLossConfig(), LossConfig())["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0], losses
+
+
+def test_teacher_forcing_moves_the_second_pass_to_the_true_points(batch):
+    model = build_model("multitask", **TINY).eval()
+    with torch.no_grad():
+        free = model(batch)["logits_second"]
+        forced = model({**batch, "teacher": torch.ones(2, dtype=torch.bool)})["logits_second"]
+    assert not torch.allclose(free, forced)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="keypoint_head"):
+        MultitaskModel(**TINY, keypoint_head="x")
+    with pytest.raises(ValueError, match="upsample"):
+        MultitaskModel(**TINY, upsample="lanczos")
+
+
+def test_group_layout_matches_the_model():
+    model = MultitaskModel(**TINY, second_pass=False)
+    for g in GROUPS:
+        assert getattr(model, f"targets_{g.name}").shape == (len(g.keys), len(g.targets[0]))

@@ -1,0 +1,152 @@
+"""Multitask training: masked losses, keypoint error in mm, a cross-validated run and its
+predictions (flip TTA exactness, coordinates table, picture)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lsdc.constants import TARGETS
+from lsdc.training.losses import LossConfig
+from lsdc.training.multitask import (
+    MultitaskLossConfig,
+    keypoint_errors_mm,
+    keypoint_losses,
+    multitask_loss,
+    summarise_errors,
+    train_multitask,
+)
+
+TINY = [
+    "model.backbone=resnet10t", "model.feature_dim=16", "model.hidden_dim=16",
+    "model.window_px=8", "engine.batch_size=2", "engine.progress_bar=false",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _outputs(b: int = 2) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "logits": torch.randn(b, 25, 3, requires_grad=True),
+        "keypoints": torch.rand(b, 25, 2, requires_grad=True),
+        "visibility": torch.randn(b, 25, requires_grad=True),
+        "crop_present": torch.ones(b, 25, dtype=torch.bool),
+    }
+
+
+def _batch(b: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        "points": torch.rand(b, 25, 2),
+        "point_mask": torch.ones(b, 25, dtype=torch.bool),
+        "has_coords": torch.ones(b, dtype=torch.bool),
+        "labels": torch.zeros(b, 25, dtype=torch.long),
+    }
+
+
+def test_masked_keypoints_and_missing_crops_do_not_count():
+    out, batch = _outputs(), _batch()
+    base = keypoint_losses(out, batch)["keypoint_l1"]
+    # Move a masked point and a point of a missing crop far away: the loss must not change.
+    batch["point_mask"][0, 3] = False
+    out["crop_present"][1, 7] = False
+    expected = keypoint_losses(out, batch)["keypoint_l1"]
+    batch["points"][0, 3] = 100.0
+    batch["points"][1, 7] = -100.0
+    assert keypoint_losses(out, batch)["keypoint_l1"] == expected
+    assert expected != base
+
+
+def test_study_without_coordinates_teaches_no_visibility():
+    out, batch = _outputs(), _batch()
+    batch["point_mask"][:] = False
+    batch["has_coords"][:] = False
+    terms = keypoint_losses(out, batch)
+    assert "visibility" not in terms and terms["keypoint_l1"].item() == 0.0
+
+
+def test_unlabelled_targets_are_ignored_and_every_term_reported():
+    out, batch = _outputs(), _batch()
+    batch["labels"][:, 5:] = -1
+    a = multitask_loss(out, batch, MultitaskLossConfig(), LossConfig())
+    out2 = {**out, "logits": out["logits"].detach().clone()}
+    out2["logits"][:, 5:] = 50.0  # only unlabelled targets change
+    b = multitask_loss(out2, batch, MultitaskLossConfig(), LossConfig())
+    assert torch.isclose(a["severity"], b["severity"])
+    assert {"loss", "severity", "keypoint_l1", "visibility"} <= set(a)
+    a["loss"].backward()
+
+
+def test_keypoint_error_in_mm_by_hand(toy_multitask_cache):
+    cache = toy_multitask_cache(n_studies=1, size=32)
+    from lsdc.data.multitask import MultitaskDataset
+
+    true = MultitaskDataset(cache)[0]["points"].numpy()
+    pred = true.copy()
+    j = TARGETS.index("spinal_canal_stenosis_l2_l3")
+    # The toy window is 64 x 64 series pixels for a 32-px crop, spacing 0.5 mm (rows) x 0.8 mm
+    # (columns): 1/64 of the crop in x is 1 pixel = 0.8 mm, in y 0.5 mm.
+    pred[0 + j, 0] += 3 / 64
+    pred[0 + j, 1] += 4 / 64
+    errors = keypoint_errors_mm(cache, [1000], pred[None])
+    spinal = errors["Sagittal T2/STIR"]
+    assert len(spinal) == 5
+    np.testing.assert_allclose(sorted(spinal)[-1], np.hypot(3 * 0.8, 4 * 0.5), atol=1e-4)
+    assert np.allclose(sorted(spinal)[:-1], 0, atol=1e-4)
+    summary = summarise_errors(errors)
+    assert summary["all"]["n"] == 25
+
+
+@pytest.mark.slow
+def test_two_fold_run_predicts_with_exact_flip_tta(toy_multitask_cache, tmp_path):
+    from lsdc.data.multitask import collate_multitask, mirror_batch
+    from lsdc.inference.predictor import Predictor, coordinates_table, predict_submission
+
+    cache = toy_multitask_cache(n_studies=6, size=32, hires=40)
+    run = tmp_path / "run"
+    result = train_multitask(cache, run, folds=2, epochs=1, overrides=TINY)
+    assert sorted(result.study_ids.tolist()) == list(range(1000, 1006))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["keypoint_error_mm"]["all"]["n"] == 6 * 25
+    assert result.outputs["keypoints"].shape == (6, 25, 2)
+    assert (run / "curves.png").exists()
+
+    predictor = Predictor.from_run(run, device="cpu", tta_flip=True)
+    ds = predictor.family.dataset(cache, None, predictor.info)
+    batch = collate_multitask([ds[i] for i in range(3)])
+    probs = predictor.predict_batch(batch)
+    mirrored = predictor.predict_batch(mirror_batch(batch))
+    from lsdc.data.multitask import MIRROR_INDEX
+
+    # Averaging a study with its mirror makes the prediction exactly left/right equivariant.
+    torch.testing.assert_close(mirrored, probs[:, list(MIRROR_INDEX)], atol=1e-5, rtol=1e-4)
+
+    report = predict_submission(run, cache, tmp_path / "sub.csv", tta_flip=True, device="cpu")
+    assert report.predicted == 6 and report.coordinates is not None
+    coords = pd.read_csv(report.coordinates)
+    assert list(coords.columns) == [
+        "study_id", "series_id", "instance_number", "condition", "level", "x", "y",
+    ]  # fmt: skip
+    assert len(coords) == 6 * 25 and coords["instance_number"].eq(6).all()  # centre slice
+    assert coords["condition"].isin(["Spinal Canal Stenosis", "Left Subarticular Stenosis",
+        "Right Subarticular Stenosis", "Left Neural Foraminal Narrowing",
+        "Right Neural Foraminal Narrowing"]).all()  # fmt: skip
+    preds = predictor.predict_cache(cache)
+    table = coordinates_table(cache, preds)
+    # Crop points map back into the crop's window on the series grid (toy window 20..84).
+    assert table["x"].between(20 - 1, 84).all() and table["y"].between(10 - 1, 74).all()
+
+    from lsdc.inference.viz import plot_multitask_study
+
+    png = plot_multitask_study(run, cache, 1000, tmp_path / "mt.png")
+    assert png.stat().st_size > 10_000
