@@ -28,7 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import oracle_probs, ratio, test_scores  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,19 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    return {k: a[k] / b[k] for k in a if b.get(k)}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
     from lsdc.inference.predictor import Predictor
-    from lsdc.io.tables import read_train_labels
-    from lsdc.metrics import labels_array, score_arrays
+    from lsdc.metrics import score_arrays
     from lsdc.preprocess.sequence import preprocess_dataset
-    from lsdc.training.engine import class_prior
     from lsdc.training.sequence import train_sequence
 
     work = args.work
@@ -123,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(data),
         "studies_oof": len(cv.study_ids),
         "oof": {"model": cv.score, "class_prior": cv.prior_score},
-        "oof_ratio_model_to_prior": _ratio(cv.score, cv.prior_score),
+        "oof_oracle": score_arrays(cv.labels, oracle_probs(data, cv.study_ids.tolist()))
+        if (data / "truth" / "studies.jsonl").exists()
+        else None,
+        "oof_ratio_model_to_prior": ratio(cv.score, cv.prior_score),
         "timings": timings,
         "settings": {
             "epochs": args.epochs,
@@ -158,22 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_study": per_study,
             "device": args.infer_device,
         }
-        truth = data / "truth" / "test_labels.csv"
-        if truth.exists():
-            tids, tlabels = labels_array(read_train_labels(truth))
-            pos = {int(s): i for i, s in enumerate(pred.study_ids)}
-            keep = [i for i, s in enumerate(tids) if int(s) in pos]
-            tl = tlabels[keep]
-            probs = pred.probs[[pos[int(tids[i])] for i in keep]]
-            _, train_labels = labels_array(read_train_labels(data / "train.csv"))
-            prior = np.broadcast_to(class_prior(train_labels), probs.shape)
-            test_model, test_prior = score_arrays(tl, probs), score_arrays(tl, prior)
-            result["test"] = {
-                "studies": len(keep),
-                "model": test_model,
-                "class_prior": test_prior,
-                "ratio_model_to_prior": _ratio(test_model, test_prior),
-            }
+        scored = test_scores(data, pred.study_ids, pred.probs)
+        if scored is not None:
+            result["test"] = scored
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from lsdc.fileio import atomic_write_json

@@ -1,15 +1,18 @@
 """The end-to-end demo on phantom data: every stage that exists, in order, on a laptop.
 
 phantom (synth) -> slice relevance (train + CV report) -> multitask crops (train and test caches,
-picture) -> sequence caches -> sequence model (cross-validated, OOF score) -> test predictions ->
-valid submission -> scored against the phantom's truth, next to the class prior.
+picture) -> sequence caches -> sequence model (cross-validated, OOF score) -> multitask model
+(cross-validated, OOF score and keypoint error) -> test predictions of both -> valid submissions
+-> scored against the phantom's truth, next to the class prior.
 
 Output folder:
   data/                 the phantom dataset (RSNA layout + truth/)
-  runs/slice-relevance  runs/sequence      run folders
+  runs/slice-relevance  runs/sequence  runs/multitask    run folders
   cache/                per-study caches of both pipelines
-  pictures/             phantom montage, multitask crops, sequence slices, training curves
-  submission.csv        predictions for the phantom's test studies
+  pictures/             phantom montage, multitask crops, sequence slices, training curves,
+                        predicted vs true keypoints
+  submission.csv        the sequence model's predictions for the phantom's test studies
+  submission-multitask.csv (+ _coordinates.csv)  the multitask model's, with its keypoints
   demo.json             every figure of the run
 A rerun reuses finished stages (same phantom, caches, finished folds).
 """
@@ -39,6 +42,8 @@ class DemoConfig:
     epochs: int = 10
     crop_size: int = 64  # sequence-model input, px
     backbone: str = "resnet10t"
+    multitask_input: int = 96  # multitask first-pass input, px (crops are cached at 128)
+    multitask_epochs: int = 12
 
 
 @dataclass
@@ -67,14 +72,17 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
     """Run the whole demo into `out_dir`; returns (and writes to demo.json) its figures."""
     from lsdc.inference.predictor import predict_submission
     from lsdc.inference.submission import validate_submission_file
+    from lsdc.inference.viz import plot_multitask_study
     from lsdc.io.tables import read_train_labels
     from lsdc.metrics import labels_array, score_arrays, score_files
     from lsdc.preprocess import multitask, sequence
+    from lsdc.preprocess.cache import StudyCache
     from lsdc.preprocess.slice_relevance import format_table, train_slice_relevance
     from lsdc.preprocess.viz import plot_crops
     from lsdc.synth import generate_dataset, study_ids
     from lsdc.synth.preview import render_preview
     from lsdc.training.engine import class_prior
+    from lsdc.training.multitask import train_multitask
     from lsdc.training.sequence import train_sequence
 
     cfg = cfg or DemoConfig()
@@ -152,6 +160,28 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
         shutil.copyfile(curves, pics / "sequence-curves.png")
     done("sequence model")
 
+    stage("multitask model")
+    mt = train_multitask(
+        cache / "multitask-train",
+        runs / "multitask",
+        folds=cfg.folds,
+        epochs=cfg.multitask_epochs,
+        overrides=[
+            f"model.backbone={cfg.backbone}",
+            f"data.input.sagittal_size={cfg.multitask_input}",
+            f"data.input.axial_size={cfg.multitask_input}",
+            f"model.window_px={max(16, cfg.multitask_input // 4)}",
+            "engine.progress_bar=false",
+        ],
+    )
+    report.figures["multitask_oof"] = mt.score
+    report.figures["multitask_oof_class_prior"] = mt.prior_score
+    mt_summary = json.loads((runs / "multitask" / "summary.json").read_text())
+    report.figures["multitask_keypoint_error_mm"] = mt_summary["keypoint_error_mm"]
+    if (runs / "multitask" / "curves.png").exists():
+        shutil.copyfile(runs / "multitask" / "curves.png", pics / "multitask-curves.png")
+    done("multitask model")
+
     stage("predict test")
     sub = predict_submission(
         runs / "sequence",
@@ -173,17 +203,36 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
     report.figures["test_class_prior"] = score_arrays(
         test_codes, prior[None].repeat(len(test_codes), axis=0)
     )
+    mt_sub = predict_submission(
+        runs / "multitask",
+        cache / "multitask-test",
+        out / "submission-multitask.csv",
+        series_descriptions=data / "test_series_descriptions.csv",
+        tta_flip=True,
+    )
+    problems = validate_submission_file(mt_sub.path, data / "test_series_descriptions.csv")
+    if problems:
+        raise RuntimeError(f"{mt_sub.path}: invalid submission: {problems[:5]}")
+    report.figures["test_multitask"] = score_files(truth, mt_sub.path)
+    test_ids = StudyCache.open(cache / "multitask-test").study_ids()
+    if test_ids:
+        plot_multitask_study(
+            runs / "multitask", cache / "multitask-test", test_ids[0],
+            pics / "multitask-keypoints.png",
+        )  # fmt: skip
     done("predict test")
 
     atomic_write_json(
         out / "demo.json",
         {"config": asdict(cfg), "figures": report.figures, "seconds": report.seconds},
     )
-    t, p = report.figures["test"], report.figures["test_class_prior"]
-    log(
-        "[lsdc demo] test score "
-        + ", ".join(f"{k} {v:.4f}" for k, v in t.items())
-        + f"  (class prior {p['score']:.4f})"
-    )
+    p = report.figures["test_class_prior"]
+    for name, key in (("sequence", "test"), ("multitask", "test_multitask")):
+        t = report.figures[key]
+        log(
+            f"[lsdc demo] {name} test score "
+            + ", ".join(f"{k} {v:.4f}" for k, v in t.items())
+            + f"  (class prior {p['score']:.4f})"
+        )
     log(f"[lsdc demo] submission {sub.path}; pictures in {pics}; figures in {out / 'demo.json'}")
     return report

@@ -79,7 +79,7 @@ class MultitaskLossConfig:
     first_weight: float = 0.5  # metric loss of the first pass alone
     second_weight: float = 0.5  # metric loss of the second pass alone
     keypoint_weight: float = 5.0  # L1 of normalised coordinates (errors are ~0.01-0.1)
-    heatmap_weight: float = 0.1
+    heatmap_weight: float = 1.0  # cross-entropy of the heatmap at the true cell
     visibility_weight: float = 0.1
 
 
@@ -88,7 +88,8 @@ class MultitaskTrainConfig:
     model: MultitaskModelConfig = field(default_factory=MultitaskModelConfig)
     data: MultitaskDataConfig = field(default_factory=MultitaskDataConfig)
     loss: MultitaskLossConfig = field(default_factory=MultitaskLossConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    # From scratch, small batches and a higher rate train the keypoint heads in fewer epochs.
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3, batch_size=4))
     # A `lsdc train sr` run folder (or a .safetensors file with its sr.json); required when
     # model.upsample=sr.
     sr_run: str | None = None
