@@ -4,8 +4,9 @@ Measures, in one run and on the same rows:
 - out-of-fold and held-out test scores (four terms and their mean) of the multitask model, the
   class prior, and the oracle (a classifier given the phantom's true narrowing fractions);
 - keypoint error in mm (median and p90 per series type, out-of-fold);
-- the upsampling ablation of the second pass (SR / bicubic / none), each variant trained on
-  fold 0 with the same settings and scored on fold 0's validation studies;
+- variants (default: the second pass's upsampling SR / none beside the main run's bicubic, and
+  direct keypoint regression beside heatmaps), each trained on fold 0 with the same settings
+  otherwise and scored on fold 0's validation studies, with its keypoint error;
 - the ceiling: the second pass fed windows at the *true* keypoints (out-of-fold studies with
   coordinates), beside the same model at its predicted keypoints, so that localisation and
   classification errors can be told apart;
@@ -59,9 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--relevance-folds", type=int, default=3)
     p.add_argument("--sr-steps", type=int, default=1500)
     p.add_argument(
-        "--ablation",
-        default="sr,none",
-        help="upsampling variants trained on fold 0 beside the main run ('' = none)",
+        "--variants",
+        default="upsample=sr,upsample=none,keypoint_head=regression",
+        help="model settings each trained on fold 0 beside the main run, compared on fold 0's\n"
+        "validation studies ('' = none); upsample=sr uses the SR run trained here",
     )
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--sequence-json", type=Path, help="bench_sequence.py JSON on the same data")
@@ -97,6 +99,14 @@ def _predict_fold(run: Path, cache: Path, fold: int, ids: list[int], teacher: bo
             for k in out:
                 out[k].append(res[k].float().softmax(-1).numpy().astype(np.float64))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _variant_figures(run: Path, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Fold-0 score and the run's out-of-fold keypoint error."""
+    from lsdc.metrics import score_arrays
+
+    summary = json.loads((run / "summary.json").read_text())
+    return {"score": score_arrays(labels, probs), "keypoint_error_mm": summary["keypoint_error_mm"]}
 
 
 def _labels(cache: Path, ids: list[int]) -> np.ndarray:
@@ -239,21 +249,25 @@ def main(argv: list[str] | None = None) -> dict:
         "second_pass_at_true_points": score_arrays(labels0, at_true["logits_second"]),
         "combined_at_predicted_points": score_arrays(labels0, at_pred["logits"]),
         "combined_with_second_pass_at_true_points": score_arrays(labels0, at_true["logits"]),
-        "upsample": {main_mode: score_arrays(labels0, at_pred["logits"])},
     }
 
-    # Ablation: the same model with another upsampling of the second-pass windows, fold 0.
-    for mode in [m for m in args.ablation.split(",") if m and m != main_mode]:
-        extra = [f"model.upsample={mode}", "engine.train_folds=[0]"]
-        if mode == "sr":
+    # Variants: the same model with one setting changed, trained and scored on fold 0.
+    result["fold0"]["variants"] = {"main": _variant_figures(run, labels0, at_pred["logits"])}
+    for variant in [v for v in args.variants.split(",") if v]:
+        extra = [f"model.{variant}", "engine.train_folds=[0]"]
+        if variant == "upsample=sr":
             extra.append(f"sr_run={sr_run}")
-        arun = work / f"run_{mode}"
-        shutil.rmtree(arun, ignore_errors=True)
+        vrun = work / f"run_{variant.replace('=', '_')}"
+        shutil.rmtree(vrun, ignore_errors=True)
+        t0 = time.perf_counter()
         train_multitask(
-            caches["train"], arun, folds=args.folds, epochs=args.epochs, overrides=[*base, *extra]
+            caches["train"], vrun, folds=args.folds, epochs=args.epochs, overrides=[*base, *extra]
         )
-        p = _predict_fold(arun, caches["train"], 0, val0, teacher=False)
-        result["fold0"]["upsample"][mode] = score_arrays(labels0, p["logits"])
+        p = _predict_fold(vrun, caches["train"], 0, val0, teacher=False)
+        result["fold0"]["variants"][variant] = {
+            **_variant_figures(vrun, labels0, p["logits"]),
+            "train_seconds": time.perf_counter() - t0,
+        }
 
     if "test" in caches:
         predictor = Predictor.from_run(run, device="cpu", tta_flip=True)

@@ -119,12 +119,13 @@ def test_interrupted_fold_resumes_from_last_checkpoint(toy_sequence_cache, tmp_p
     assert (fold0 / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_default_keeps_the_last_epoch(toy_sequence_cache, tmp_path):
     # An unbiased OOF: no fold picks its weights on its own validation studies.
     from lsdc.training.engine import EngineConfig
 
     assert EngineConfig().keep == "last"
-    cache = toy_sequence_cache(n_studies=4, size=16)
+    cache = toy_sequence_cache(n_studies=4, size=64)
     run = tmp_path / "run"
     train_sequence(cache, run, folds=2, epochs=2, overrides=TINY)
     from safetensors.torch import load_file
