@@ -13,6 +13,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny convolutions run many times slower when two
+    threads fight other jobs for a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _write_toy_sequence_cache(
     root: Path,
     n_studies: int = 8,

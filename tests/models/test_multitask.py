@@ -13,13 +13,8 @@ from lsdc.models.registry import build_model
 TINY = dict(backbone="resnet10t", feature_dim=16, hidden_dim=16, window_px=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run much faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: see the `one_thread` fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -27,12 +27,8 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: see the `one_thread` fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _outputs(b: int = 2) -> dict[str, torch.Tensor]:

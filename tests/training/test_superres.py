@@ -34,14 +34,8 @@ AXIAL_TASK = (AXIAL_T2, "l4_l5")
 ABSENT_TASK = ("Sagittal T1", "left_neural_foraminal_narrowing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny convolutions here run ~20x slower when two torch threads fight other jobs for
-    # a shared 2-core machine; one thread keeps the tests to seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: see the `one_thread` fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:

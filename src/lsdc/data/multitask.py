@@ -192,14 +192,7 @@ class MultitaskDataset(Dataset):
                 f"{self.cache.root}: multitask cache format {self.cache.config.get('format')} "
                 "predates the model (no labels or native windows); preprocess it again"
             )
-        available = set(self.cache.study_ids())
-        ids = sorted(available) if study_ids is None else [int(s) for s in study_ids]
-        missing = [s for s in ids if s not in available]
-        if missing:
-            raise KeyError(
-                f"{self.cache.root}: {len(missing)} studies not in the cache, e.g. {missing[:5]}"
-            )
-        self.study_ids = ids
+        self.study_ids = self.cache.select(study_ids)
         self.cfg = config or MultitaskDataConfig()
         self.train = train
         self.seed = seed

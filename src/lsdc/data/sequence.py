@@ -130,14 +130,7 @@ class SequenceDataset(Dataset):
         self.cache = cache if isinstance(cache, StudyCache) else StudyCache.open(cache)
         if self.cache.pipeline != "sequence":
             raise ValueError(f"{self.cache.root}: a {self.cache.pipeline!r} cache, not 'sequence'")
-        available = set(self.cache.study_ids())
-        ids = sorted(available) if study_ids is None else [int(s) for s in study_ids]
-        missing = [s for s in ids if s not in available]
-        if missing:
-            raise KeyError(
-                f"{self.cache.root}: {len(missing)} studies not in the cache, e.g. {missing[:5]}"
-            )
-        self.study_ids = ids
+        self.study_ids = self.cache.select(study_ids)
         self.augment = augment
         self.seed = seed
         self.epoch = 0

@@ -86,6 +86,18 @@ class StudyCache:
     def study_ids(self) -> list[int]:
         return sorted(int(p.stem) for p in self.root.glob("*.npz") if p.stem.isdigit())
 
+    def select(self, study_ids: Iterable[int] | None = None) -> list[int]:
+        """`study_ids` as ints (default: every cached study, sorted); KeyError naming the
+        cache when any is not cached."""
+        available = set(self.study_ids())
+        ids = sorted(available) if study_ids is None else [int(s) for s in study_ids]
+        missing = [s for s in ids if s not in available]
+        if missing:
+            raise KeyError(
+                f"{self.root}: {len(missing)} studies not in the cache, e.g. {missing[:5]}"
+            )
+        return ids
+
     def save(self, study_id: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
         return save_npz(self.path(study_id), arrays, {**meta, "config_hash": self.hash})
 

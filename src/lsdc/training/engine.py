@@ -45,6 +45,7 @@ from lsdc.training.folds import FOLDS_FILE, load_folds, make_folds, save_folds
 from lsdc.training.losses import LossConfig, metric_loss
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
 
@@ -291,6 +292,38 @@ def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- cross-validation
+
+
+def resolve_run_config(
+    schema: type,
+    run_dir: str | Path,
+    *,
+    folds: int | None = None,
+    epochs: int | None = None,
+    overrides: Sequence[str] = (),
+    config_path: str | Path | None = None,
+) -> tuple[Any, Path]:
+    """A family's training config (`schema` with an `engine: EngineConfig`), with `folds` and
+    `epochs` applied, and the path to save it in `run_dir` (created). Refuses a run folder
+    started with another configuration: resuming it would mix two experiments."""
+    import dataclasses
+
+    from lsdc.config import load_config
+
+    cfg = load_config(schema, config_path, overrides)
+    if folds is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, folds=int(folds))
+    if epochs is not None:
+        cfg.engine = dataclasses.replace(cfg.engine, epochs=int(epochs))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / CONFIG_FILE
+    if saved.exists() and load_config(schema, saved) != cfg:
+        raise ValueError(
+            f"{saved}: this run folder was started with another configuration; "
+            "resume with the same settings or use a new --out folder"
+        )
+    return cfg, saved
 
 
 def _loader(ds: Dataset, cfg: EngineConfig, collate, *, train: bool) -> DataLoader:

@@ -18,7 +18,6 @@ out-of-fold keypoints, measured in-plane on the series grid where the study has 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lsdc.config import config_to_dict, load_config, save_config
+from lsdc.config import config_to_dict, save_config
 from lsdc.data.multitask import (
     GROUPS,
     MultitaskDataConfig,
@@ -44,11 +43,10 @@ from lsdc.training.engine import (
     CVResult,
     EngineConfig,
     TrainTask,
+    resolve_run_config,
     run_cross_validation,
 )
 from lsdc.training.losses import LossConfig, metric_loss
-
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -279,24 +277,15 @@ def train_multitask(
     """Cross-validate the multitask model on `cache_dir` into `run_dir` (resumable)."""
     import json
 
-    cfg = load_config(MultitaskTrainConfig, config_path, overrides)
-    if folds is not None:
-        cfg.engine = dataclasses.replace(cfg.engine, folds=int(folds))
-    if epochs is not None:
-        cfg.engine = dataclasses.replace(cfg.engine, epochs=int(epochs))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / CONFIG_FILE
-    if saved.exists() and load_config(MultitaskTrainConfig, saved) != cfg:
-        raise ValueError(
-            f"{saved}: this run folder was started with another configuration; "
-            "resume with the same settings or use a new --out folder"
-        )
+    cfg, saved = resolve_run_config(
+        MultitaskTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
+        config_path=config_path,
+    )  # fmt: skip
     task = multitask_task(cache_dir, cfg)
     save_config(cfg, saved)
-    result = run_cross_validation(run_dir, task, cfg.engine)
+    result = run_cross_validation(saved.parent, task, cfg.engine)
     errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])
-    summary_path = run_dir / SUMMARY_FILE
+    summary_path = saved.parent / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
     summary["keypoint_error_mm"] = summarise_errors(errors)
     atomic_write_json(summary_path, summary)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from lsdc.config import config_to_dict, load_config, save_config
+from lsdc.config import config_to_dict, save_config
 from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
 from lsdc.preprocess.cache import StudyCache
-from lsdc.training.engine import CVResult, EngineConfig, TrainTask, run_cross_validation
-
-CONFIG_FILE = "config.yaml"
+from lsdc.training.engine import (
+    CVResult,
+    EngineConfig,
+    TrainTask,
+    resolve_run_config,
+    run_cross_validation,
+)
 
 
 @dataclass
@@ -84,19 +87,9 @@ def train_sequence(
     config_path: str | Path | None = None,
 ) -> CVResult:
     """Cross-validate the sequence model on `cache_dir` into `run_dir` (resumable)."""
-    cfg = load_config(SequenceTrainConfig, config_path, overrides)
-    if folds is not None:
-        cfg.engine = dataclasses.replace(cfg.engine, folds=int(folds))
-    if epochs is not None:
-        cfg.engine = dataclasses.replace(cfg.engine, epochs=int(epochs))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / CONFIG_FILE
-    if saved.exists() and load_config(SequenceTrainConfig, saved) != cfg:
-        # Resuming with other settings would mix two experiments in one run folder.
-        raise ValueError(
-            f"{saved}: this run folder was started with another configuration; "
-            "resume with the same settings or use a new --out folder"
-        )
+    cfg, saved = resolve_run_config(
+        SequenceTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
+        config_path=config_path,
+    )  # fmt: skip
     save_config(cfg, saved)
     return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine)
