@@ -113,3 +113,17 @@ def test_predict_submission_fills_uncached_listed_studies_with_the_prior(
     sub = pd.read_csv(report.path).set_index("row_id")
     row = sub.loc["77_spinal_canal_stenosis_l1_l2"].to_numpy()
     np.testing.assert_allclose(row, class_prior(labels)[0], rtol=1e-6)
+
+
+def test_run_calibration_is_applied_to_the_fold_mean(toy_sequence_cache, tmp_path):
+    from lsdc.inference.calibration import CALIBRATION_FILE, Calibration, apply_calibration
+
+    cache = toy_sequence_cache(n_studies=2, size=32)
+    run = _make_run(tmp_path, cache, folds=(0,))
+    raw = Predictor.from_run(run, device="cpu").predict_cache(cache).probs
+    cal = Calibration(temperature=0.5, severe_scale=2.0)
+    cal.save(run / CALIBRATION_FILE)
+    got = Predictor.from_run(run, device="cpu").predict_cache(cache).probs
+    np.testing.assert_allclose(got, apply_calibration(raw, cal), atol=1e-6)
+    off = Predictor.from_run(run, device="cpu", calibrate=False).predict_cache(cache).probs
+    np.testing.assert_allclose(off, raw, atol=1e-9)

@@ -29,7 +29,8 @@ def batch(toy_multitask_cache):
         {},
         {"keypoint_head": "regression", "combine": "learned"},
         {"second_pass": False},
-        {"second_backbone": "resnet10t", "upsample": "none", "share_sides": True},
+        {"second_backbone": "resnet10t", "upsample": "none", "heads": "side"},
+        {"second_backbone": "window", "heads": "condition"},
     ],
 )
 def test_outputs_and_masks(batch, kwargs):
@@ -130,6 +131,29 @@ def test_bad_settings_are_refused():
         MultitaskModel(**TINY, keypoint_head="x")
     with pytest.raises(ValueError, match="upsample"):
         MultitaskModel(**TINY, upsample="lanczos")
+    with pytest.raises(ValueError, match="heads"):
+        MultitaskModel(**TINY, heads="level")
+
+
+def test_head_sharing_maps_targets_to_the_right_heads():
+    from lsdc.models.multitask import _head_index
+
+    def of(name: str, heads: str) -> int:
+        return _head_index(heads)[TARGETS.index(name)]
+
+    assert _head_index("target") == list(range(25))
+    side = "left_subarticular_stenosis_l4_l5", "right_subarticular_stenosis_l4_l5"
+    assert (
+        of(side[0], "side") == of(side[1], "side") != of(side[0].replace("l4_l5", "l3_l4"), "side")
+    )
+    assert len(set(_head_index("side"))) == 15
+    cond = _head_index("condition")
+    assert len(set(cond)) == 3
+    assert of("spinal_canal_stenosis_l1_l2", "condition") == of(
+        "spinal_canal_stenosis_l5_s1", "condition"
+    )
+    assert of(side[0], "condition") == of("right_subarticular_stenosis_l1_l2", "condition")
+    assert of(side[0], "condition") != of("left_neural_foraminal_narrowing_l4_l5", "condition")
 
 
 def test_group_layout_matches_the_model():

@@ -38,9 +38,11 @@ def test_one_epoch_two_fold_smoke_run(toy_sequence_cache, tmp_path):
     assert sorted(arrays["study_ids"].tolist()) == list(range(1000, 1006))
     assert arrays["probs"].shape == (6, 25, 3)
     np.testing.assert_allclose(arrays["probs"].sum(-1), 1.0, atol=1e-6)
-    for name in ("config.yaml", "run.json", "folds.csv", "oof.csv", "summary.json", "curves.png"):
+    files = ("config.yaml", "run.json", "folds.csv", "oof.csv", "summary.json", "curves.png")
+    for name in (*files, "calibration.json"):
         assert (run / name).exists(), name
     summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["oof_score_calibrated"]) == set(summary["oof_score"])
     assert set(summary["oof_score"]) == {
         "spinal",
         "foraminal",

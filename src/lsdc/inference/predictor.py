@@ -5,7 +5,8 @@ keyword config; fold<k>/model.safetensors for the weights) and averages the fold
 probabilities. With `tta_flip`, each study is also predicted mirrored left/right and the
 mirrored prediction mapped back, which makes the result exactly left/right equivariant. Where a
 family predicts keypoints (multitask), their fold mean (unmirrored view) comes along and
-`coordinates_table` turns them into the competition's coordinate format.
+`coordinates_table` turns them into the competition's coordinate format. A run's
+`calibration.json` (fitted on its OOF by the engine) is applied to the fold mean.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from lsdc.inference.calibration import CALIBRATION_FILE, Calibration, apply_calibration
 
 
 @dataclass
@@ -122,8 +125,10 @@ class Predictor:
         models: list[nn.Module],
         device: torch.device,
         tta_flip: bool = False,
+        calibration: Calibration | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.calibration = calibration
         self.info = info
         self.models = models
         self.device = device
@@ -140,6 +145,7 @@ class Predictor:
         folds: Sequence[int] | None = None,
         device: str = "auto",
         tta_flip: bool = False,
+        calibrate: bool = True,
     ) -> Predictor:
         from lsdc.models.registry import build_model
         from lsdc.training.engine import RUN_FILE, load_model_weights
@@ -165,7 +171,9 @@ class Predictor:
             models.append(load_model_weights(model, path).to(dev).eval())
         if not models:
             raise ValueError(f"{run_dir}: no folds to predict with")
-        return cls(run_dir, info, models, dev, tta_flip=tta_flip)
+        cal_path = run_dir / CALIBRATION_FILE
+        cal = Calibration.load(cal_path) if calibrate and cal_path.exists() else None
+        return cls(run_dir, info, models, dev, tta_flip=tta_flip, calibration=cal)
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -241,6 +249,8 @@ class Predictor:
             outs.append({k: v.numpy() for k, v in self.predict_outputs(batch).items()})
         all_probs = np.concatenate([o["probs"] for o in outs]).astype(np.float64)
         all_probs /= all_probs.sum(axis=-1, keepdims=True)
+        if self.calibration is not None:
+            all_probs = apply_calibration(all_probs, self.calibration)
         extra = {k: np.concatenate([o[k] for o in outs]) for k in outs[0] if k != "probs"}
         return Predictions(np.concatenate(ids).astype(np.int64), all_probs, **extra)
 

@@ -152,3 +152,27 @@ def _load_pretrained_into(
     if missing:
         raise ValueError(f"{path}: {len(missing)} backbone weights missing, e.g. {missing[:3]}")
     model.load_state_dict(fitted, strict=False)
+
+
+class WindowEncoder(nn.Module):
+    """A compact CNN for the small second-pass windows (24-64 px): three stages of two 3x3
+    convolutions, each halving the resolution only after it has looked at full detail, then
+    global average pooling. ImageNet backbones reduce a 48-px window to 2x2 cells within their
+    stem; millimetre-scale narrowing needs the early, full-resolution layers that this keeps.
+    (N, in_chans, P, P) -> (N, num_features)."""
+
+    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_chans
+        for w in widths:
+            for a in (c, w):
+                layers += [nn.Conv2d(a, w, 3, padding=1, bias=False), nn.BatchNorm2d(w)]
+                layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.MaxPool2d(2))
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.num_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))

@@ -37,7 +37,7 @@ from torch import nn
 
 from lsdc.constants import SEVERITIES, TARGETS, mirror_target
 from lsdc.data.multitask import GROUPS
-from lsdc.models.backbones import create_backbone, create_spatial_backbone
+from lsdc.models.backbones import WindowEncoder, create_backbone, create_spatial_backbone
 from lsdc.models.registry import register_model
 
 N_TARGETS = len(TARGETS)
@@ -78,7 +78,9 @@ def window_grid(
 
 
 class TargetHeads(nn.Module):
-    """One linear classifier per head index; `index` maps each of the 25 targets to its head."""
+    """Linear classifiers; `index` maps each of the 25 targets to its head. Where heads are
+    shared by several targets, a learned per-target embedding is added to the features first, so
+    a shared head still knows the level and side it reads (N_heads < 25 <=> embedding)."""
 
     def __init__(self, in_features: int, index: list[int]) -> None:
         super().__init__()
@@ -86,18 +88,31 @@ class TargetHeads(nn.Module):
         self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
         self.weight = nn.Parameter(torch.randn(n, in_features, N_CLASSES) * in_features**-0.5)
         self.bias = nn.Parameter(torch.zeros(n, N_CLASSES))
+        self.embed = nn.Embedding(N_TARGETS, in_features) if n < N_TARGETS else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """x (N, in_features) features of target `targets` (N,) -> logits (N, 3)."""
+        if self.embed is not None:
+            x = F.gelu(x + self.embed(targets))
         heads = self.index[targets]
         return torch.einsum("nf,nfc->nc", x, self.weight[heads]) + self.bias[heads]
 
 
-def _head_index(share_sides: bool) -> list[int]:
-    """Head of each target: its own, or with `share_sides` its left counterpart's."""
-    if not share_sides:
+HEAD_SHARING = ("target", "side", "condition")
+
+
+def _head_index(heads: str) -> list[int]:
+    """Head of each target: its own ("target"), its left counterpart's ("side"), or one per
+    condition, all levels and both sides ("condition")."""
+    if heads not in HEAD_SHARING:
+        raise ValueError(f"heads must be one of {HEAD_SHARING}, not {heads!r}")
+    if heads == "target":
         return list(range(N_TARGETS))
     canon = [mirror_target(t) if t.startswith("right_") else t for t in TARGETS]
+    if heads == "condition":
+        canon = [t.rsplit("_", 2)[0] for t in canon]  # drop the level ("_l1_l2")
     names = list(dict.fromkeys(canon))
     return [names.index(t) for t in canon]
 
@@ -126,7 +141,7 @@ class MultitaskModel(nn.Module):
         sr_path: str | None = None,
         sr_kwargs: dict | None = None,
         combine: str = "average",
-        share_sides: bool = False,
+        heads: str = "target",
     ) -> None:
         super().__init__()
         if keypoint_head not in ("heatmap", "regression"):
@@ -144,7 +159,8 @@ class MultitaskModel(nn.Module):
         self.upsample_mode = upsample
         self.sr_scale = sr_scale
         self.combine = combine
-        self.share_sides = share_sides
+        # Right-side axial windows are mirrored whenever a head reads both sides.
+        self.mirror_right = heads != "target"
 
         self.backbone = create_spatial_backbone(
             backbone, 3, pretrained, pretrained_path, drop_path_rate
@@ -161,7 +177,7 @@ class MultitaskModel(nn.Module):
         self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
         self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
         self.visible = nn.ModuleDict({g: nn.Linear(d, k) for g, k in k_of.items()})
-        index = _head_index(share_sides)
+        index = _head_index(heads)
         self.first_mlp = nn.Sequential(nn.Linear(2 * d, hidden_dim), nn.GELU(), nn.Dropout(dropout))
         self.first_heads = TargetHeads(hidden_dim, index)
         self.prior_logits = nn.Parameter(torch.zeros(N_TARGETS, N_CLASSES))
@@ -170,6 +186,9 @@ class MultitaskModel(nn.Module):
             if second_backbone == "shared":
                 self.second = None
                 n2 = nf
+            elif second_backbone == "window":
+                self.second = WindowEncoder(3)
+                n2 = self.second.num_features
             else:
                 self.second = create_backbone(second_backbone, 3, pretrained=False)
                 n2 = self.second.num_features
@@ -321,7 +340,7 @@ class MultitaskModel(nn.Module):
                 centres.reshape(b * n, k, 2),
             )  # (B*n*K, 3, P, P)
             flat_targets = tgt.reshape(-1)
-            if self.share_sides and g.name == "axial":
+            if self.mirror_right and g.name == "axial":
                 # Right-side windows mirrored: one head reads both sides the same way.
                 right = torch.isin(flat_targets, self.right_axial)
                 windows = torch.where(right[:, None, None, None], windows.flip(-1), windows)

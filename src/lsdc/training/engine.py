@@ -14,7 +14,9 @@ run folder
   fold<k>/history.json per-epoch train/val loss, val score, learning rate
   fold<k>/result.json  written last: the fold is complete (a rerun skips it)
   oof.csv, oof.npz     out-of-fold probabilities as a submission table / arrays
-  summary.json         OOF score with its four terms, the class-prior score on the same rows
+  summary.json         OOF score with its four terms, the class-prior score on the same rows,
+                       and the OOF score calibrated by cross-fitting (`calibrate`)
+  calibration.json     temperature and any-severe scale fitted on the OOF (`Predictor` applies it)
   curves.png           training curves of every fold
 
 An interrupted run resumes: finished folds are skipped, an unfinished fold continues from its
@@ -73,6 +75,9 @@ class EngineConfig:
     # unbiased OOF for a fixed schedule, the default); "best" = the epoch of lowest val_loss,
     # chosen on the fold's own validation studies, so its OOF flatters the model.
     keep: str = "last"
+    # Fit a temperature and an any-severe scale on the OOF predictions (`calibration.json`,
+    # applied by `Predictor`); summary.json reports the OOF score calibrated by cross-fitting.
+    calibrate: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -105,6 +110,8 @@ class CVResult:
     fold_seconds: dict[int, float]
     epoch_seconds: float  # mean wall time of one training epoch (train + validation)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # TrainTask.oof_outputs
+    # OOF score after calibration fitted on the other folds (None: not calibrated)
+    calibrated_score: dict[str, float] | None = None
 
 
 # --------------------------------------------------------------------------- Lightning module
@@ -500,6 +507,14 @@ def run_cross_validation(
     )
     score = _safe_score(oof_labels, probs)
     prior_score = _safe_score(oof_labels, prior)
+    calibrated = None
+    if cfg.calibrate and (oof_labels >= 0).any():
+        from lsdc.inference.calibration import CALIBRATION_FILE, cross_fitted, fit_calibration
+
+        fit_calibration(oof_labels, probs).save(run_dir / CALIBRATION_FILE)
+        if len(selected) > 1:
+            row_folds = folds[[pos[int(s)] for s in all_ids]]
+            calibrated = _safe_score(oof_labels, cross_fitted(oof_labels, probs, row_folds))
     from lsdc.inference.submission import build_submission, write_submission
 
     write_submission(build_submission(all_ids, probs), run_dir / "oof.csv")
@@ -524,11 +539,13 @@ def run_cross_validation(
         fold_seconds=fold_seconds,
         epoch_seconds=float(np.nanmean(epoch_seconds)) if epoch_seconds else float("nan"),
         outputs=outputs,
+        calibrated_score=calibrated,
     )
     atomic_write_json(
         run_dir / SUMMARY_FILE,
         {
             "oof_score": score,
+            **({"oof_score_calibrated": calibrated} if calibrated is not None else {}),
             "prior_score": prior_score,
             "studies": len(all_ids),
             "folds": selected,

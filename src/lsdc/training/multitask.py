@@ -62,14 +62,14 @@ class MultitaskModelConfig:
     dropout: float = 0.2
     keypoint_head: str = "heatmap"  # heatmap | regression
     second_pass: bool = True
-    second_backbone: str = "shared"  # shared | a timm model name
+    second_backbone: str = "shared"  # shared | window (compact CNN) | a timm model name
     window_sagittal: float = 0.1  # half side of a second-pass window, fraction of the crop
     window_axial: float = 0.18
     window_px: int = 32  # window sampled at this size, then upsampled x sr_scale
     upsample: str = "bicubic"  # sr | bicubic | none
     sr_scale: int = 2
     combine: str = "average"  # average | learned
-    share_sides: bool = False
+    heads: str = "target"  # target | side | condition: which targets share a classifier
 
 
 @dataclass
