@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         "studies_oof": len(cv.study_ids),
         "oof": {
             "model": cv.score,
+            # calibration fitted on the other fold's OOF (cross-fitting), never on these rows
+            **({"model_calibrated": cv.calibrated_score} if cv.calibrated_score else {}),
             "class_prior": cv.prior_score,
             **({"oracle": score_arrays(cv.labels, oof_oracle)} if oof_oracle is not None else {}),
         },
@@ -287,6 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
         scored = test_scores(data, pred.study_ids, pred.probs)
         if scored is not None:
             result["test"] = scored
+            if predictor.calibration is not None:
+                # the same folds without the OOF-fitted calibration, for its effect
+                predictor.calibration = None
+                raw = predictor.predict_cache(caches["test"], batch_size=1)
+                result["test"]["model_uncalibrated"] = test_scores(
+                    data, raw.study_ids, raw.probs
+                )["model"]
 
     if args.sequence_json is not None and args.sequence_json.exists():
         seq = json.loads(args.sequence_json.read_text())

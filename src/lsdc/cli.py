@@ -46,7 +46,8 @@ def preprocess(
         data_dir, cache, split=split, workers=workers, overrides=overrides or [], **kwargs
     )
     typer.echo(
-        f"{len(report.written)} written, {len(report.skipped)} already cached, "
+        f"{len(report.written)} written ({len(report.repaired)} of them replacing damaged "
+        f"files), {len(report.skipped)} already cached, "
         f"{len(report.failed)} failed (see {cache / 'errors.jsonl'})"
     )
     if report.failed:

@@ -15,6 +15,10 @@ import numpy as np
 META_KEY = "__meta__"
 
 
+class CorruptFileError(ValueError):
+    """A file that exists but cannot be read back (truncated, overwritten, not what it says)."""
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +55,31 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, An
 
 
 def load_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Inverse of `save_npz`; never unpickles."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != META_KEY}
-        meta = json.loads(z[META_KEY].tobytes().decode("utf-8")) if META_KEY in z.files else {}
-    return arrays, meta
+    """Inverse of `save_npz`; never unpickles. A damaged file raises `CorruptFileError` naming
+    it (a missing one, FileNotFoundError)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != META_KEY}
+            raw = z[META_KEY].tobytes() if META_KEY in z.files else b"{}"
+        return arrays, json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # zipfile, numpy, zlib and JSON each raise their own kind
+        raise CorruptFileError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+
+def check_npz(path: str | Path) -> str | None:
+    """Why a `save_npz` file is damaged, or None when it is whole: the zip directory must be
+    present and every member must match its CRC-32 (this reads the whole file once)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            if bad is not None:
+                return f"member {bad} fails its checksum"
+            if f"{META_KEY}.npy" not in z.namelist():
+                return "no metadata record"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -46,3 +46,28 @@ def test_other_config_in_same_folder_is_refused(tmp_path):
 def test_open_requires_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest"):
         StudyCache.open(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_a_damaged_cached_file_is_named_and_built_again(tmp_path, damage, capsys):
+    from lsdc.fileio import CorruptFileError
+
+    cache = StudyCache(tmp_path, "demo", {"size": 8})
+    cache.run([1, 2], _build, progress=False)
+    path = cache.path(2)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 3] ^= 0xFF  # inside the array bytes: only the checksum sees it
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    if damage != "flip":
+        with pytest.raises(CorruptFileError, match=str(path)):
+            cache.load(2)
+
+    report = cache.run([1, 2], _build, progress=False)
+    assert report.skipped == [1] and report.written == [2] and list(report.repaired) == [2]
+    assert str(path) in capsys.readouterr().err
+    np.testing.assert_array_equal(cache.load(2)[0]["x"], np.full((2, 3), 2, np.float32))

@@ -161,10 +161,20 @@ def _resize(stack: torch.Tensor, size: int) -> torch.Tensor:
 def read_labels(cache: StudyCache, study_ids: Sequence[int]) -> np.ndarray:
     """(n, 25) severity codes from the cache, reading only the `labels` array of each file."""
     out = np.full((len(study_ids), len(TARGETS)), -1, np.int64)
+    from lsdc.fileio import CorruptFileError
+
     for i, sid in enumerate(study_ids):
-        with np.load(cache.path(sid), allow_pickle=False) as z:
-            if "labels" in z.files:
-                out[i] = z["labels"]
+        path = cache.path(sid)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "labels" in z.files:
+                    out[i] = z["labels"]
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise CorruptFileError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc}); run preprocess again"
+            ) from exc
     return out
 
 

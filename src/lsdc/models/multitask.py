@@ -15,10 +15,13 @@ plus the crop's global features, through one head per condition and level.
 Second pass, per keypoint: a window centred on the predicted keypoint (on the true one where the
 batch asks for teacher forcing) is sampled from the finest pixels the batch carries, upsampled
 (`upsample`: "sr" with a `lsdc.models.superres` network, "bicubic", or "none", which samples the
-window directly at the output size), embedded by the same backbone (`second_backbone="shared"`)
-or a second one, and classified by one head per condition and level. With `share_sides`, a left
-and a right target share their heads and right-side axial windows are mirrored so they look like
-left ones.
+window directly at the output size), embedded by the same backbone (`second_backbone="shared"`),
+by `WindowEncoder` ("window": a compact CNN that keeps the window's full resolution through its
+first layers, where an ImageNet stem would reduce a 48-px window to a few cells) or by a second
+timm model, and classified per target. Which targets share a classifier is `heads`: "target"
+(one per condition and level, 25 x 3), "side" (left and right share), or "condition" (one per
+condition, with a learned per-target embedding so that it still knows the level and side). When
+sides share, right-side axial windows are mirrored so that they look like left ones.
 
 The two passes are combined by averaging their log-probabilities (a geometric mean of the two
 predictions; `combine="average"`) or with a learned per-target weight (`"learned"`). Crops that

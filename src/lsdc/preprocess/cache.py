@@ -6,13 +6,16 @@ Layout of a cache folder:
   errors.jsonl    one line per study that failed in the latest run, with the reason
 
 A rerun with the same configuration skips finished studies, so a killed run resumes where it
-stopped; a different configuration in the same folder is refused rather than mixed.
+stopped; a different configuration in the same folder is refused rather than mixed. What it
+skips is verified first (zip directory and checksums): a damaged file (a disk filled up, a copy
+cut short) is named, deleted and built again, never counted as finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lsdc.fileio import atomic_write_json, atomic_write_text, load_npz, save_npz
+from lsdc.fileio import atomic_write_json, atomic_write_text, check_npz, load_npz, save_npz
 from lsdc.parallel import parallel_map
 
 MANIFEST = "manifest.json"
@@ -43,6 +46,8 @@ class CacheRunReport:
     written: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    # Cached files found damaged, deleted and built again (study id -> what was wrong).
+    repaired: dict[int, str] = field(default_factory=dict)
 
 
 class StudyCache:
@@ -120,8 +125,16 @@ class StudyCache:
         """
         report = CacheRunReport()
         todo = []
-        for sid in study_ids:
-            (report.skipped if self.has(sid) else todo).append(int(sid))
+        for sid in map(int, study_ids):
+            if self.has(sid):
+                problem = check_npz(self.path(sid))
+                if problem is None:
+                    report.skipped.append(sid)
+                    continue
+                print(f"{self.path(sid)}: damaged ({problem}); building it again", file=sys.stderr)
+                self.path(sid).unlink()
+                report.repaired[sid] = problem
+            todo.append(sid)
         task = _BuildAndSave(self.root, self.pipeline, self.config, build)
         for out in parallel_map(task, todo, workers=workers, desc=desc, progress=progress):
             if out.ok:
