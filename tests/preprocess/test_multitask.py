@@ -126,3 +126,38 @@ def test_killed_process_resumes_to_identical_files(tiny_dataset, cache_dir, tmp_
     assert len(report.skipped) == done and not report.failed
     assert not list(out.glob(".*.tmp"))  # no half-written file left under a final name
     assert _files(out) == _files(cache_dir)
+
+
+def test_a_coordinate_on_a_missing_instance_drops_only_that_label(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    root, _ = tiny_dataset
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    coords = pd.read_csv(data / "train_label_coordinates.csv")
+    l1 = (coords.study_id == 1000) & (coords.level == "L1/L2")
+    row = l1 & (coords.condition == "Spinal Canal Stenosis")
+    # Every label of the axial L1/L2 crop too: no labelled slice is left to centre it on.
+    axial = l1 & coords.condition.str.contains("Subarticular")
+    assert row.sum() == 1 and axial.sum() == 2
+    coords.loc[row | axial, "instance_number"] = 9999
+    coords.to_csv(data / "train_label_coordinates.csv", index=False)
+
+    cache = tmp_path / "cache"
+    report = preprocess_dataset(data, cache, overrides=MIDDLE, progress=False, workers=1)
+    assert report.failed == {} and 1000 in report.written
+    table = coordinate_table(cache)
+    study = table[table.study_id == 1000].set_index("name")
+    assert not study.loc["spinal_canal_stenosis_l1_l2", "valid"]
+    assert study.valid.sum() == 22  # every other label of the study is kept
+    _, meta = StudyCache.open(cache).load(1000)
+    assert len(meta["dropped_labels"]) == 3
+    assert (
+        f"spinal_canal_stenosis l1_l2: series {coords.loc[row, 'series_id'].item()} "
+        "has no readable instance 9999"
+    ) in meta["dropped_labels"]
+    axial_crop = next(c for c in load_multitask_study(cache, 1000) if c.key == "axial_t2__l1_l2")
+    assert axial_crop.present and axial_crop.source == "middle"
+    assert "coordinate dropped" in capsys.readouterr().err

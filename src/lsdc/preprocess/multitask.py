@@ -26,7 +26,9 @@ Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
   positions (3, 3), orientations (3, 6), pixel_spacing (2,) float64: geometry of the 3 slices
   present () bool: False when the study lacks the series type (all arrays then zero / masked)
 plus `labels` (25,) int8 severity codes of the study (-1 = unlabelled; all -1 on the test split),
-and in the meta, per crop: key, series type, task, keypoint names, series id, selection source.
+and in the meta, per crop: key, series type, task, keypoint names, series id, selection source;
+per study, `dropped_labels`: each coordinate that could not be placed (an instance number with
+no readable file, a series that is not there), masked rather than guessed, and also printed.
 `load_multitask_study` reads it back as `TaskCrop` objects.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,11 +227,10 @@ def _select(
             if s is None:
                 continue
             try:
-                idx_by_series.setdefault(lab.series_id, []).append(
-                    s.slice_index(lab.instance_number)
-                )
+                index = s.slice_index(lab.instance_number)
             except KeyError:
-                continue
+                continue  # named by `_keypoints`, which drops the label
+            idx_by_series.setdefault(lab.series_id, []).append(index)
         if idx_by_series:
             # The series with most labels of the task; the median of its labelled slices
             # (the five spinal levels normally share one mid-sagittal slice).
@@ -260,22 +262,29 @@ def _keypoints(
     centre: int,
     names: Sequence[tuple[str, str]],
     labels: Sequence[_Label],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints (K, 2) on the grid of `series` (NaN when unknown) and their slice offsets."""
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Keypoints (K, 2) on the grid of `series` (NaN when unknown), their slice offsets, and why
+    each coordinate that could not be placed was dropped (the point is masked, never guessed)."""
     from lsdc.geometry import project_point
 
     by_id = {int(s.series_id): s for s in study.series}
     lookup = {(lab.condition, lab.level): lab for lab in labels}
     pts = np.full((len(names), 2), np.nan)
     offsets = np.zeros(len(names), dtype=np.int64)
+    dropped = []
     for k, name in enumerate(names):
         lab = lookup.get(name)
-        src = by_id.get(lab.series_id) if lab is not None else None
-        if lab is None or src is None:
+        if lab is None:
+            continue
+        src = by_id.get(lab.series_id)
+        where = f"{lab.condition} {lab.level}: series {lab.series_id}"
+        if src is None:
+            dropped.append(f"{where} is not among the study's readable series")
             continue
         try:
             li = src.slice_index(lab.instance_number)
         except KeyError:
+            dropped.append(f"{where} has no readable instance {lab.instance_number}")
             continue
         col, row = src.native_to_volume(li, lab.x, lab.y)
         if src is series:
@@ -285,7 +294,7 @@ def _keypoints(
             hit = project_point(src, li, col, row, series)
             pts[k] = (hit.col, hit.row)
             offsets[k] = hit.slice_index - centre
-    return pts, offsets
+    return pts, offsets, dropped
 
 
 def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
@@ -354,6 +363,7 @@ def build_study(
     n = cfg.selection.neighbours
     arrays: dict[str, np.ndarray] = {}
     crops_meta = []
+    dropped_labels: list[str] = []
     norm_cache: dict[int, np.ndarray] = {}
     window_cache: dict[int, tuple[int, int, int, int]] = {}
     for st in SERIES_TYPES:
@@ -385,7 +395,10 @@ def build_study(
                 idx = np.clip(np.arange(centre - n, centre + n + 1), 0, series.num_slices - 1)
                 image = crop_and_resize(norm_cache[sid][idx], window, size)
                 hires = _hires(norm_cache[sid][idx], window, cfg.hires_max)
-                native, offsets = _keypoints(study, series, centre, names, study_labels)
+                native, offsets, lost = _keypoints(study, series, centre, names, study_labels)
+                dropped_labels.extend(lost)
+                for reason in lost:
+                    print(f"study {study_id}: coordinate dropped, {reason}", file=sys.stderr)
                 pts, inside = map_points_to_crop(native, window, size)
                 item.update(
                     image=np.clip(image, 0.0, 1.0).astype(np.float16),
@@ -417,6 +430,7 @@ def build_study(
         "split": split,
         "crops": crops_meta,
         "series_errors": list(study.errors),
+        "dropped_labels": dropped_labels,
     }
 
 
