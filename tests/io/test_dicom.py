@@ -352,3 +352,21 @@ def test_non_ascii_description_uses_character_set(tmp_path, dicomfx):
         ds.save_as(f)
     assert read_series(w.folder).description == "Sagittal T1 gewichtet (Übersicht)"
     assert read_header(w.folder / "1.dcm").description == "Sagittal T1 gewichtet (Übersicht)"
+
+
+def test_duplicate_instance_numbers_are_flagged_and_never_resolved_to_a_slice(tmp_path, dicomfx):
+    from lsdc.io.dicom import FLAG_DUPLICATE_INSTANCES, AmbiguousInstanceError
+    from lsdc.io.index import index_series
+
+    w = dicomfx.write_series(tmp_path, n=4)
+    third = pydicom.dcmread(w.folder / "3.dcm")
+    third.InstanceNumber = 2  # two files (2.dcm, 3.dcm) now carry instance 2
+    third.save_as(w.folder / "3.dcm")
+    s = read_series(w.folder)
+    assert FLAG_DUPLICATE_INSTANCES in s.flags
+    assert s.slice_index(4) == 3
+    with pytest.raises(AmbiguousInstanceError, match="instance 2 is carried by 2 slices"):
+        s.slice_index(2)
+    row, problems = index_series(w.folder, 1, 10)
+    assert FLAG_DUPLICATE_INSTANCES in row.flags.split(";")
+    assert [p.reason for p in problems] == ["duplicate InstanceNumber 2: labels on them are masked"]

@@ -34,6 +34,13 @@ FLAG_UNEVEN_SPACING = "uneven_spacing"  # gaps between slices differ (missing sl
 # Header-level fact (index): slices differ in matrix/pixel spacing; read_series then resamples.
 FLAG_MIXED_SIZES = "mixed_sizes"
 FLAG_MIXED_SERIES_UID = "mixed_series_uid"  # files of several SeriesInstanceUIDs in one folder
+# Two or more files carry one InstanceNumber: a label on that number cannot be placed.
+FLAG_DUPLICATE_INSTANCES = "duplicate_instance_numbers"
+
+
+class AmbiguousInstanceError(KeyError):
+    """An instance number carried by several slices of a series (a label on it is ambiguous)."""
+
 
 # Two planes count as one orientation when their normals differ by less than this.
 _ORIENTATION_TOL_DEG = 0.5
@@ -106,6 +113,12 @@ class Series:
         if hits.size == 0:
             raise KeyError(
                 f"instance {instance_number} not in series {self.study_id}/{self.series_id}"
+            )
+        if hits.size > 1:
+            # Never the first match: a label on a duplicated number could sit on either slice.
+            raise AmbiguousInstanceError(
+                f"instance {instance_number} is carried by {hits.size} slices of series "
+                f"{self.study_id}/{self.series_id}"
             )
         return int(hits[0])
 
@@ -531,6 +544,8 @@ def layout_stack(headers: list[SliceHeader]) -> StackLayout:
 
     z = np.array([h.position @ ref_normal for h in headers])
     inst = np.array([h.instance_number for h in headers], dtype=np.int64)
+    if len(np.unique(inst)) < len(inst):
+        flags.append(FLAG_DUPLICATE_INSTANCES)
     order = np.lexsort((inst, z))
     z = z[order]
 

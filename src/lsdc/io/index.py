@@ -127,6 +127,16 @@ def index_series(
         row.slice_thickness = layout.slice_thickness
         row.spacing_between_slices = layout.spacing_between_slices
         row.flags = ";".join(([row.flags] if row.flags else []) + layout.flags)
+        counts = Counter(h.instance_number for h in headers)
+        dup = sorted(n for n, c in counts.items() if c > 1)
+        if dup:
+            problems.append(
+                Problem(
+                    str(folder),
+                    f"duplicate InstanceNumber {', '.join(map(str, dup[:10]))}"
+                    f"{' ...' if len(dup) > 10 else ''}: labels on them are masked",
+                )
+            )
     return row, problems
 
 

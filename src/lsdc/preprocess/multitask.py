@@ -28,7 +28,8 @@ Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
 plus `labels` (25,) int8 severity codes of the study (-1 = unlabelled; all -1 on the test split),
 and in the meta, per crop: key, series type, task, keypoint names, series id, selection source;
 per study, `dropped_labels`: each coordinate that could not be placed (an instance number with
-no readable file, a series that is not there), masked rather than guessed, and also printed.
+no readable file or carried by several files, a series that is not there), masked rather than
+guessed, and also printed.
 `load_multitask_study` reads it back as `TaskCrop` objects.
 """
 
@@ -266,6 +267,7 @@ def _keypoints(
     """Keypoints (K, 2) on the grid of `series` (NaN when unknown), their slice offsets, and why
     each coordinate that could not be placed was dropped (the point is masked, never guessed)."""
     from lsdc.geometry import project_point
+    from lsdc.io.dicom import AmbiguousInstanceError
 
     by_id = {int(s.series_id): s for s in study.series}
     lookup = {(lab.condition, lab.level): lab for lab in labels}
@@ -283,6 +285,9 @@ def _keypoints(
             continue
         try:
             li = src.slice_index(lab.instance_number)
+        except AmbiguousInstanceError:
+            dropped.append(f"{where}: instance {lab.instance_number} is ambiguous (duplicated)")
+            continue
         except KeyError:
             dropped.append(f"{where} has no readable instance {lab.instance_number}")
             continue

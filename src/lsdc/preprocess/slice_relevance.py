@@ -646,8 +646,8 @@ def labelled_series(
     """Join one study's features with its coordinate rows.
 
     Returns the labelled series and, for the axial ROI statistics, the axial points as
-    fractions of their slice's native image size. Rows whose instance is not in the series are
-    skipped (the reader may have dropped a bad file).
+    fractions of their slice's native image size. Rows whose instance is not in the series (the
+    reader may have dropped a bad file) or is carried by several slices (ambiguous) are skipped.
     """
     by_series = {f.series_id: f for f in features}
     out: dict[int, LabelledSeries] = {}
@@ -657,7 +657,7 @@ def labelled_series(
         if f is None or f.series_type != row.series_type:
             continue
         hits = np.flatnonzero(f.instance_numbers == int(row.instance_number))
-        if hits.size == 0:
+        if hits.size != 1:
             continue
         idx = int(hits[0])
         ls = out.setdefault(
