@@ -4,9 +4,11 @@ Measures, in one run and on the same rows:
 - out-of-fold and held-out test scores (four terms and their mean) of the multitask model, the
   class prior, and the oracle (a classifier given the phantom's true narrowing fractions);
 - keypoint error in mm (median and p90 per series type, out-of-fold);
-- variants (default: the second pass's upsampling SR / none beside the main run's bicubic, and
-  direct keypoint regression beside heatmaps), each trained on fold 0 with the same settings
-  otherwise and scored on fold 0's validation studies, with its keypoint error;
+- variants (default: the second pass read by the first-pass backbone instead of its own window
+  encoder, one head per target instead of per condition, SR upsampling instead of bicubic;
+  `--variants "upsample=none,keypoint_head=regression"` for others), each trained on fold 0
+  with the same settings otherwise and scored on fold 0's validation studies, with its
+  keypoint error;
 - the ceiling: the second pass fed windows at the *true* keypoints (out-of-fold studies with
   coordinates), beside the same model at its predicted keypoints, so that localisation and
   classification errors can be told apart;
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sr-steps", type=int, default=1500)
     p.add_argument(
         "--variants",
-        default="upsample=sr,upsample=none,keypoint_head=regression",
+        default="second_backbone=shared,heads=target,upsample=sr",
         help="model settings each trained on fold 0 beside the main run, compared on fold 0's\n"
         "validation studies ('' = none); upsample=sr uses the SR run trained here",
     )
@@ -107,6 +109,10 @@ def _variant_figures(run: Path, labels: np.ndarray, probs: np.ndarray) -> dict:
 
     summary = json.loads((run / "summary.json").read_text())
     return {"score": score_arrays(labels, probs), "keypoint_error_mm": summary["keypoint_error_mm"]}
+
+
+def _normalise(p: np.ndarray) -> np.ndarray:
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def _labels(cache: Path, ids: list[int]) -> np.ndarray:
@@ -251,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         "second_pass_at_true_points": score_arrays(labels0, at_true["logits_second"]),
         "combined_at_predicted_points": score_arrays(labels0, at_pred["logits"]),
         "combined_with_second_pass_at_true_points": score_arrays(labels0, at_true["logits"]),
+        # the two passes averaged (geometric mean) at inference: what combine=average would give
+        "passes_averaged": score_arrays(
+            labels0, _normalise(np.sqrt(at_pred["logits_first"] * at_pred["logits_second"]))
+        ),
     }
 
     # Variants: the same model with one setting changed, trained and scored on fold 0.
@@ -293,9 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
                 # the same folds without the OOF-fitted calibration, for its effect
                 predictor.calibration = None
                 raw = predictor.predict_cache(caches["test"], batch_size=1)
-                result["test"]["model_uncalibrated"] = test_scores(
-                    data, raw.study_ids, raw.probs
-                )["model"]
+                result["test"]["model_uncalibrated"] = test_scores(data, raw.study_ids, raw.probs)[
+                    "model"
+                ]
 
     if args.sequence_json is not None and args.sequence_json.exists():
         seq = json.loads(args.sequence_json.read_text())

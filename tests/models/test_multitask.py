@@ -28,6 +28,7 @@ def batch(toy_multitask_cache):
     [
         {},
         {"keypoint_head": "regression", "combine": "learned"},
+        {"combine": "average", "heads": "target", "second_backbone": "shared"},
         {"second_pass": False},
         {"second_backbone": "resnet10t", "upsample": "none", "heads": "side"},
         {"second_backbone": "window", "heads": "condition"},

@@ -62,14 +62,16 @@ class MultitaskModelConfig:
     dropout: float = 0.2
     keypoint_head: str = "heatmap"  # heatmap | regression
     second_pass: bool = True
-    second_backbone: str = "shared"  # shared | window (compact CNN) | a timm model name
-    window_sagittal: float = 0.1  # half side of a second-pass window, fraction of the crop
-    window_axial: float = 0.18
+    second_backbone: str = "window"  # window (compact CNN) | shared | a timm model name
+    # Half side of a second-pass window, fraction of the crop: about 17 mm on a 280-mm sagittal
+    # crop, 14 mm on a 100-mm axial one (a canal, a foramen, a recess and their borders).
+    window_sagittal: float = 0.06
+    window_axial: float = 0.14
     window_px: int = 32  # window sampled at this size, then upsampled x sr_scale
     upsample: str = "bicubic"  # sr | bicubic | none
     sr_scale: int = 2
-    combine: str = "average"  # average | learned
-    heads: str = "target"  # target | side | condition: which targets share a classifier
+    combine: str = "second"  # second | average | learned
+    heads: str = "condition"  # condition | side | target: which targets share a classifier
 
 
 @dataclass
