@@ -19,11 +19,28 @@ class CorruptFileError(ValueError):
     """A file that exists but cannot be read back (truncated, overwritten, not what it says)."""
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask can only
+    be read by setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a file written any other way would get 0666 minus the umask,
+        # so shared run folders and caches stay readable by the group when the user wants it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -83,3 +100,16 @@ def check_npz(path: str | Path) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """Tensors of a .safetensors file; a damaged file raises `CorruptFileError` naming it (a
+    missing one, FileNotFoundError)."""
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise CorruptFileError(f"{path}: unreadable weights ({type(exc).__name__}: {exc})") from exc

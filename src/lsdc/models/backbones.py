@@ -28,9 +28,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from lsdc.fileio import read_safetensors
 
-        return load_file(str(path))
+        return read_safetensors(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     # Some published files wrap the weights ({"state_dict": ...} or {"model": ...}).
     for key in ("state_dict", "model"):

@@ -292,9 +292,9 @@ def save_model_weights(model: nn.Module, path: str | Path) -> Path:
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    from safetensors.torch import load_file
+    from lsdc.fileio import read_safetensors
 
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_safetensors(path))
     return model
 
 
