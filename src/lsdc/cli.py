@@ -368,8 +368,66 @@ def train_sr_cmd(
 # -- commands end here (append new commands above this line) --
 
 
-def main() -> None:
-    app()
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show the full traceback of an error (anywhere on the line; or LSDC_DEBUG=1).",
+        ),
+    ] = False,
+) -> None:
+    """Expected errors (bad input, missing files, wrong settings) print one line naming what
+    and where, and exit with status 1; `--debug` shows the traceback instead."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input or settings raise, as opposed to a bug in lsdc."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lsdc.io.dicom import SeriesReadError, SliceReadError
+    from lsdc.io.study import StudyReadError
+    from lsdc.models.backbones import PretrainedWeightsUnavailable
+    from lsdc.preprocess.cache import CacheMismatchError
+
+    return (
+        ValueError,
+        KeyError,
+        OSError,
+        OmegaConfBaseException,
+        CacheMismatchError,
+        PretrainedWeightsUnavailable,
+        StudyReadError,
+        SeriesReadError,
+        SliceReadError,
+    )
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the user: the message's first line (KeyError's without its quotes), with
+    the exception's kind."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    first = next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+    return f"error: {first or type(exc).__name__} ({type(exc).__name__})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `lsdc` entry point: the app, with expected errors turned into one line."""
+    import os
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LSDC_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command
+    try:
+        app(args=args, prog_name="lsdc")
+    except _expected_errors() as exc:
+        if debug:
+            raise
+        typer.echo(error_line(exc), err=True)
+        typer.echo("(run again with --debug for the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

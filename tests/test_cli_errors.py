@@ -1,0 +1,43 @@
+"""Expected errors print one line naming what and where; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lsdc.cli import main
+
+
+def _fail(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "╭" not in err
+    return err.splitlines()[0]
+
+
+def test_missing_cache_is_one_line_naming_the_file(tmp_path, capsys):
+    line = _fail(["train", "multitask", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys)
+    assert line == (
+        f"error: {tmp_path / 'nope' / 'manifest.json'}: not a cache folder (no manifest) "
+        "(FileNotFoundError)"
+    )
+
+
+def test_mistyped_override_names_the_key(tmp_path, capsys):
+    line = _fail(["train", "multitask", str(tmp_path), "--out", str(tmp_path), "sizee=3"], capsys)
+    assert "sizee" in line and line.startswith("error: ")
+
+
+def test_debug_anywhere_on_the_line_shows_the_exception(tmp_path, monkeypatch):
+    monkeypatch.delenv("LSDC_DEBUG", raising=False)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        main(["train", "multitask", str(tmp_path / "nope"), "--out", str(tmp_path), "--debug"])
+
+
+def test_a_truncated_cache_file_is_named_when_training(toy_multitask_cache, tmp_path, capsys):
+    cache = toy_multitask_cache(n_studies=4, size=32)
+    broken = sorted(cache.glob("*.npz"))[1]
+    broken.write_bytes(broken.read_bytes()[:100])
+    line = _fail(["train", "multitask", str(cache), "--out", str(tmp_path / "run")], capsys)
+    assert line.startswith(f"error: {broken}: unreadable") and "CorruptFileError" in line
