@@ -153,5 +153,21 @@ def test_run_folder_refuses_another_config(toy_sequence_cache, tmp_path):
     from lsdc.config import save_config
 
     save_config(SequenceTrainConfig(), run / "config.yaml")
+    (run / "fold0").mkdir()
+    (run / "fold0" / "result.json").write_text("{}")  # a fold finished with those settings
     with pytest.raises(ValueError, match="another configuration"):
         train_sequence(cache, run, folds=2, epochs=1, overrides=TINY)
+
+
+def test_a_run_that_failed_before_training_can_be_retried_with_other_settings(
+    toy_sequence_cache, tmp_path
+):
+    from lsdc.training.engine import resolve_run_config
+
+    cache = toy_sequence_cache(n_studies=4, size=16)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="folds"):
+        train_sequence(cache, run, folds=10, epochs=1, overrides=TINY)
+    assert (run / "config.yaml").exists()  # the failed attempt left its settings
+    cfg, saved = resolve_run_config(SequenceTrainConfig, run, folds=2, epochs=1)
+    assert cfg.engine.folds == 2 and not saved.exists() and not (run / "folds.csv").exists()

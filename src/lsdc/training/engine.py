@@ -326,11 +326,21 @@ def resolve_run_config(
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / CONFIG_FILE
     if saved.exists() and load_config(schema, saved) != cfg:
-        raise ValueError(
-            f"{saved}: this run folder was started with another configuration; "
-            "resume with the same settings or use a new --out folder"
-        )
+        if _trained_anything(run_dir):
+            raise ValueError(
+                f"{saved}: this run folder was started with another configuration; "
+                "resume with the same settings or use a new --out folder"
+            )
+        # An attempt that failed before any fold trained (too many folds for the studies, a
+        # bad cache) left only its settings: nothing to mix, so a retry may change them.
+        for name in (CONFIG_FILE, FOLDS_FILE, RUN_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     return cfg, saved
+
+
+def _trained_anything(run_dir: Path) -> bool:
+    """Whether some fold of the run has a checkpoint or a result."""
+    return any(run_dir.glob("fold*/checkpoints/*.ckpt")) or any(run_dir.glob("fold*/result.json"))
 
 
 def _loader(ds: Dataset, cfg: EngineConfig, collate, *, train: bool) -> DataLoader:
