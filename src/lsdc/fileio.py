@@ -52,6 +52,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and check a file can be written in it, before long work whose
+    result would otherwise be lost at the end; PermissionError naming the folder if not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lsdc-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise PermissionError(f"{folder}: cannot write here ({exc.strerror or exc})") from exc
+    return folder
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -127,3 +127,19 @@ def test_run_calibration_is_applied_to_the_fold_mean(toy_sequence_cache, tmp_pat
     np.testing.assert_allclose(got, apply_calibration(raw, cal), atol=1e-6)
     off = Predictor.from_run(run, device="cpu", calibrate=False).predict_cache(cache).probs
     np.testing.assert_allclose(off, raw, atol=1e-9)
+
+
+def test_unwritable_output_folder_fails_before_any_inference(
+    toy_sequence_cache, tmp_path, monkeypatch
+):
+    from lsdc.inference.predictor import predict_submission
+
+    cache = toy_sequence_cache(n_studies=2, size=32)
+    run = _make_run(tmp_path, cache, folds=(0,))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    calls = []
+    monkeypatch.setattr(Predictor, "predict_cache", lambda *a, **k: calls.append(1))
+    with pytest.raises(PermissionError, match="a-file/sub: cannot write here"):
+        predict_submission(run, cache, blocker / "sub" / "submission.csv")
+    assert calls == []

@@ -71,3 +71,18 @@ def test_a_damaged_cached_file_is_named_and_built_again(tmp_path, damage, capsys
     assert report.skipped == [1] and report.written == [2] and list(report.repaired) == [2]
     assert str(path) in capsys.readouterr().err
     np.testing.assert_array_equal(cache.load(2)[0]["x"], np.full((2, 3), 2, np.float32))
+
+
+def test_unwritable_cache_folder_fails_once_before_any_study(tmp_path, monkeypatch):
+    import tempfile
+
+    cache = StudyCache(tmp_path, "demo", {"size": 8})
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # a read-only folder, even for root
+    built = []
+    with pytest.raises(PermissionError, match=f"{tmp_path}: cannot write here"):
+        cache.run([1, 2], lambda s: built.append(s) or _build(s), progress=False)
+    assert built == []

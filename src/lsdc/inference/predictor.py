@@ -318,11 +318,14 @@ def predict_submission(
     training labels and is named in the report, so the submission stays valid and nothing is
     hidden.
     """
-    from lsdc.fileio import load_npz
+    from lsdc.fileio import ensure_writable, load_npz
     from lsdc.inference.submission import build_submission, write_submission
     from lsdc.io.tables import read_series_descriptions
     from lsdc.training.engine import class_prior
 
+    ensure_writable(Path(out_csv).parent)  # before the inference, not after it
+    if coordinates_out is not None:
+        ensure_writable(Path(coordinates_out).parent)
     predictor = Predictor.from_run(run_dir, device=device, tta_flip=tta_flip)
     preds = predictor.predict_cache(cache_dir)
     ids, probs = preds.study_ids.tolist(), preds.probs

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from lsdc.fileio import atomic_write_json, atomic_write_text, check_npz, load_npz, save_npz
+from lsdc.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    check_npz,
+    ensure_writable,
+    load_npz,
+    save_npz,
+)
 from lsdc.parallel import parallel_map
 
 MANIFEST = "manifest.json"
@@ -123,6 +130,7 @@ class StudyCache:
         `build(study_id)` must be picklable when `workers` > 1 (a module-level function or a
         `functools.partial` of one).
         """
+        ensure_writable(self.root)  # else every study would fail, one by one, at its save
         report = CacheRunReport()
         todo = []
         for sid in map(int, study_ids):
