@@ -93,16 +93,25 @@ def validate_submission(
         Path, typer.Option(help="Series descriptions CSV naming the studies to expect.")
     ],
 ) -> None:
-    """List every problem of a submission; exit 1 when there is any, print 'valid' otherwise."""
+    """List every problem of a submission; exit 1 when there is any, print 'valid' otherwise.
+
+    Rows whose probabilities sum to 1 within 1e-6 pass. Rows off by at most 1e-3 (values rounded
+    to 4 decimals: 0.9999, 1.0001) are warnings on stderr, not problems: the official scorer
+    renormalises every row, so the score does not change. Rows off by more are problems."""
     from lsdc.inference.submission import validate_submission_file
 
+    warnings: list[str] = []
     try:
-        problems = validate_submission_file(submission_csv, series_descriptions)
+        problems = validate_submission_file(submission_csv, series_descriptions, warnings)
     except ValueError as exc:  # TableError: one clear line, no traceback
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    for warning in warnings[:20]:
+        typer.echo(f"warning: {warning}", err=True)
+    if len(warnings) > 20:
+        typer.echo(f"warning: ... {len(warnings) - 20} more rows like these", err=True)
     if not problems:
-        typer.echo("valid")
+        typer.echo(f"valid ({len(warnings)} warnings)" if warnings else "valid")
         return
     for problem in problems:
         typer.echo(problem)

@@ -136,3 +136,27 @@ def test_six_decimal_thirds_like_the_competition_sample_are_valid():
     sub.loc[3, "severe"] = "0.333330"  # off by 3e-6: still reported
     (problem,) = validate_submission(sub, descriptions())
     assert "sum to" in problem
+
+
+def test_rows_rounded_to_four_decimals_are_warnings_not_problems(tmp_path):
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+
+    sub = build_submission(STUDIES, probs()).astype({c: object for c in PROB_COLUMNS})
+    sub.loc[:, list(PROB_COLUMNS)] = "0.3333"  # sums to 0.9999
+    sub.loc[0, "severe"] = "0.3"  # sums to 0.9666: wrong, not rounded
+    warnings: list[str] = []
+    problems = validate_submission(sub, descriptions(), warnings)
+    assert len(problems) == 1 and "sum to 0.9666" in problems[0]
+    assert len(warnings) == len(sub) - 1 and "renormalises" in warnings[0]
+    assert len(validate_submission(sub, descriptions())) == len(sub)  # no list: all problems
+
+    sub.loc[0, "severe"] = "0.3334"
+    path = tmp_path / "rounded.csv"
+    sub.to_csv(path, index=False)
+    result = CliRunner().invoke(
+        app, ["validate-submission", str(path), "--series-descriptions", _desc_csv(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"valid ({len(sub) - 1} warnings)" in result.stdout

@@ -30,6 +30,10 @@ __all__ = [
 
 # Rows must sum to 1 within this (the brief's contract; float32 softmax stays far inside it).
 SUM_TOLERANCE = 1e-6
+# Rows off by more than SUM_TOLERANCE but within this are warnings, not errors: probabilities
+# rounded to 4 decimals sum to 0.9999 or 1.0001, and the scorer renormalises every row, so
+# the score is unaffected. Beyond it a row is wrong, not rounded.
+SUM_WARNING_TOLERANCE = 1e-3
 # Rows written with six decimals (0.333333 x 3, as in the competition's own sample submission) sit
 # exactly at the tolerance; the slack keeps float rounding from rejecting them.
 _SUM_SLACK = 1e-9
@@ -75,14 +79,20 @@ def write_submission(submission: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_text(path, text)
 
 
-def validate_submission(submission: pd.DataFrame, series_descriptions: pd.DataFrame) -> list[str]:
+def validate_submission(
+    submission: pd.DataFrame,
+    series_descriptions: pd.DataFrame,
+    warnings: list[str] | None = None,
+) -> list[str]:
     """Every problem of `submission` against the studies of `series_descriptions`.
 
     Checks: exact columns `row_id, normal_mild, moderate, severe`; well-formed row ids; no
     row for an unknown study; no repeated row id; all 25 rows for every study in the
     descriptions; finite, non-negative, numeric probabilities summing to 1 within
-    SUM_TOLERANCE. `submission` may hold strings (from `read_submission(validate=False)`, whose
-    index is the file line, used to name rows) or numbers. Returns [] when valid.
+    SUM_TOLERANCE (rows within SUM_WARNING_TOLERANCE, e.g. rounded to 4 decimals, go to
+    `warnings` instead when a list is given, and are problems otherwise). `submission` may hold
+    strings (from `read_submission(validate=False)`, whose index is the file line, used to name
+    rows) or numbers. Returns [] when valid.
     """
     problems: list[str] = []
     columns = [str(c) for c in submission.columns]
@@ -140,12 +150,15 @@ def validate_submission(submission: pd.DataFrame, series_descriptions: pd.DataFr
 
     prob_cols = [c for c in PROB_COLUMNS if c in columns]
     if prob_cols:
-        problems.extend(_probability_problems(submission, prob_cols, where))
+        problems.extend(_probability_problems(submission, prob_cols, where, warnings))
     return problems
 
 
 def _probability_problems(
-    submission: pd.DataFrame, prob_cols: list[str], where: Callable[[int, object], str]
+    submission: pd.DataFrame,
+    prob_cols: list[str],
+    where: Callable[[int, object], str],
+    warnings: list[str] | None,
 ) -> list[str]:
     """Non-numeric, non-finite or negative cells, and rows not summing to 1."""
     problems: list[str] = []
@@ -171,12 +184,14 @@ def _probability_problems(
             row_ok[pos] = False
     if len(prob_cols) == len(PROB_COLUMNS):
         sums = np.sum([numeric[c] for c in PROB_COLUMNS], axis=0)
-        for pos in np.flatnonzero(row_ok & (np.abs(sums - 1.0) > SUM_TOLERANCE + _SUM_SLACK)):
+        off = np.abs(sums - 1.0)
+        for pos in np.flatnonzero(row_ok & (off > SUM_TOLERANCE + _SUM_SLACK)):
             pos = int(pos)
-            problems.append(
-                f"{where(pos, row_ids[pos])}: probabilities sum to {sums[pos]:.9g}, not 1 "
-                f"(tolerance {SUM_TOLERANCE:g})"
-            )
+            text = f"{where(pos, row_ids[pos])}: probabilities sum to {sums[pos]:.9g}, not 1"
+            if warnings is not None and off[pos] <= SUM_WARNING_TOLERANCE:
+                warnings.append(f"{text} (rounded? the scorer renormalises the row)")
+            else:
+                problems.append(f"{text} (tolerance {SUM_TOLERANCE:g})")
     return problems
 
 
@@ -188,8 +203,11 @@ def _is_nan_literal(cell: object) -> bool:
 
 
 def validate_submission_file(
-    submission_csv: str | Path, series_descriptions_csv: str | Path
+    submission_csv: str | Path,
+    series_descriptions_csv: str | Path,
+    warnings: list[str] | None = None,
 ) -> list[str]:
     """`validate_submission` of two CSV files. Unreadable files raise `TableError`."""
     submission = read_submission(submission_csv, validate=False)
-    return validate_submission(submission, read_series_descriptions(series_descriptions_csv))
+    descriptions = read_series_descriptions(series_descriptions_csv)
+    return validate_submission(submission, descriptions, warnings)
