@@ -3,10 +3,12 @@ leaves a half-written file under the final name."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +87,26 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, An
     return atomic_write_bytes(path, buf.getvalue())
 
 
+@contextlib.contextmanager
+def reading(path: str | Path, what: str = "unreadable") -> Iterator[None]:
+    """Turn any error while reading `path` into `CorruptFileError` naming it (zipfile, numpy,
+    zlib, JSON and safetensors each raise their own kinds); a missing file stays
+    FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CorruptFileError(f"{path}: {what} ({type(exc).__name__}: {exc})") from exc
+
+
 def load_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Inverse of `save_npz`; never unpickles. A damaged file raises `CorruptFileError` naming
     it (a missing one, FileNotFoundError)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != META_KEY}
-            raw = z[META_KEY].tobytes() if META_KEY in z.files else b"{}"
+    with reading(path), np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != META_KEY}
+        raw = z[META_KEY].tobytes() if META_KEY in z.files else b"{}"
         return arrays, json.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # zipfile, numpy, zlib and JSON each raise their own kind
-        raise CorruptFileError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
 
 
 def check_npz(path: str | Path) -> str | None:
@@ -123,7 +133,5 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
 
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: weights file not found")
-    try:
+    with reading(path, "unreadable weights"):
         return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise CorruptFileError(f"{path}: unreadable weights ({type(exc).__name__}: {exc})") from exc

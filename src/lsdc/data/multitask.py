@@ -160,21 +160,14 @@ def _resize(stack: torch.Tensor, size: int) -> torch.Tensor:
 
 def read_labels(cache: StudyCache, study_ids: Sequence[int]) -> np.ndarray:
     """(n, 25) severity codes from the cache, reading only the `labels` array of each file."""
-    out = np.full((len(study_ids), len(TARGETS)), -1, np.int64)
-    from lsdc.fileio import CorruptFileError
+    from lsdc.fileio import reading
 
+    out = np.full((len(study_ids), len(TARGETS)), -1, np.int64)
     for i, sid in enumerate(study_ids):
         path = cache.path(sid)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "labels" in z.files:
-                    out[i] = z["labels"]
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise CorruptFileError(
-                f"{path}: unreadable ({type(exc).__name__}: {exc}); run preprocess again"
-            ) from exc
+        with reading(path, "unreadable; run preprocess again"), np.load(path) as z:
+            if "labels" in z.files:
+                out[i] = z["labels"]
     return out
 
 
