@@ -43,6 +43,14 @@ def test_one_epoch_two_fold_smoke_run(toy_sequence_cache, tmp_path):
         assert (run / name).exists(), name
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["oof_score_calibrated"]) == set(summary["oof_score"])
+    # Rerun (folds done, so only the OOF step) without calibration: no stale file survives.
+    from lsdc.config import load_config
+
+    cfg = load_config(SequenceTrainConfig, run / "config.yaml")
+    cfg.engine.calibrate = False
+    run_cross_validation(run, sequence_task(cache, cfg), cfg.engine)
+    assert not (run / "calibration.json").exists()
+    assert "oof_score_calibrated" not in json.loads((run / "summary.json").read_text())
     assert set(summary["oof_score"]) == {
         "spinal",
         "foraminal",

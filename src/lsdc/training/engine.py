@@ -518,9 +518,11 @@ def run_cross_validation(
     score = _safe_score(oof_labels, probs)
     prior_score = _safe_score(oof_labels, prior)
     calibrated = None
-    if cfg.calibrate and (oof_labels >= 0).any():
-        from lsdc.inference.calibration import CALIBRATION_FILE, cross_fitted, fit_calibration
+    from lsdc.inference.calibration import CALIBRATION_FILE, cross_fitted, fit_calibration
 
+    # A calibration left by an earlier attempt must not outlive the settings that made it.
+    (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)
+    if cfg.calibrate and (oof_labels >= 0).any():
         fit_calibration(oof_labels, probs).save(run_dir / CALIBRATION_FILE)
         if len(selected) > 1:
             row_folds = folds[[pos[int(s)] for s in all_ids]]
