@@ -61,6 +61,13 @@ def apply_calibration(probs: np.ndarray, cal: Calibration) -> np.ndarray:
     return p / p.sum(axis=-1, keepdims=True)
 
 
+def initial_simplex(dims: int, step: float = 0.3) -> np.ndarray:
+    """A Nelder-Mead start around 0 (in log space) with steps big enough to feel the metric:
+    scipy's default step at 0 is 2.5e-4, where the loss is flat to its tolerance, so the
+    search could stop where it started."""
+    return np.vstack([np.zeros(dims), step * np.eye(dims)])
+
+
 def fit_calibration(labels: np.ndarray, probs: np.ndarray) -> Calibration:
     """The parameters minimising the metric on (labels (n, 25), probs (n, 25, 3)); the identity
     when nothing is labelled or the fit does not improve the score."""
@@ -75,7 +82,12 @@ def fit_calibration(labels: np.ndarray, probs: np.ndarray) -> Calibration:
         cal = Calibration(float(np.exp(x[0])), float(np.exp(x[1])))
         return score_arrays(labels, apply_calibration(probs, cal))["score"]
 
-    res = minimize(loss, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-5})
+    res = minimize(
+        loss,
+        np.zeros(2),
+        method="Nelder-Mead",
+        options={"xatol": 1e-3, "fatol": 1e-5, "initial_simplex": initial_simplex(2)},
+    )
     x = np.clip(res.x, -_BOUND, _BOUND)
     if not res.fun < loss(np.zeros(2)):
         return Calibration()

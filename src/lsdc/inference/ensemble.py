@@ -1,0 +1,293 @@
+"""The ensemble: a weighted pool of several runs' probabilities, fitted on their out-of-fold
+predictions to minimise the official metric.
+
+Parameters, few on purpose (a few hundred OOF studies cannot support more):
+- one weight per model and metric group (spinal, foraminal, subarticular): left and right share
+  theirs, so a pool of left/right-equivariant models (flip TTA) stays equivariant;
+- a `Calibration` (temperature and spinal-Severe scale) of the pooled probabilities. The runs'
+  own calibrations are not used: the pool is fitted on their raw OOF probabilities.
+
+`fit_ensemble` also measures itself honestly: the OOF studies are split into `folds`, each fold
+is pooled with parameters fitted on the others, and that cross-fitted score is the one reported
+(`EnsembleReport.score`), beside every model's raw OOF score and its own calibration
+cross-fitted on the same folds. The parameters saved are then fitted on all OOF studies.
+
+A study that some models could not see is pooled from the others (their weights renormalised);
+one that none could see gets the class prior of the training labels, stored in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsdc.constants import METRIC_GROUPS
+from lsdc.inference.calibration import (
+    Calibration,
+    apply_calibration,
+    fit_calibration,
+    initial_simplex,
+)
+from lsdc.metrics import score_arrays
+from lsdc.training.losses import GROUP_TARGETS
+
+ENSEMBLE_FORMAT = 1
+_LOGIT_BOUND = 4.0  # weights of e^-4 relative: a model that bad is as good as dropped
+
+
+@dataclass
+class Ensemble:
+    models: list[str]  # names, in the order of `weights` columns
+    runs: list[str]  # run folders (relative to the ensemble file's folder when saved)
+    weights: np.ndarray  # (len(METRIC_GROUPS), M), rows sum to 1
+    calibration: Calibration = field(default_factory=Calibration)
+    prior: np.ndarray = field(default_factory=lambda: np.full((25, 3), 1 / 3))  # (25, 3)
+
+    def combine(
+        self, probs: Sequence[np.ndarray], available: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Pool per-model probabilities (each (n, 25, 3), aligned rows) -> (n, 25, 3).
+
+        `available` (n, M) bool marks which model saw each study (rows of a model that did not
+        are ignored, whatever they hold); a study no model saw gets `prior`."""
+        stack = np.stack([np.asarray(p, np.float64) for p in probs], axis=1)  # (n, M, 25, 3)
+        n, m = stack.shape[:2]
+        if m != len(self.models):
+            raise ValueError(f"expected {len(self.models)} models' probabilities, got {m}")
+        avail = np.ones((n, m), bool) if available is None else np.asarray(available, bool)
+        out = np.empty((n, 25, 3))
+        for gi, g in enumerate(METRIC_GROUPS):
+            idx = GROUP_TARGETS[g]
+            w = avail * self.weights[gi][None]  # (n, M)
+            total = w.sum(axis=1, keepdims=True)
+            w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+            out[:, idx] = np.einsum("nm,nmtc->ntc", w, np.nan_to_num(stack[:, :, idx]))
+        seen = avail.any(axis=1)
+        out[seen] = apply_calibration(out[seen], self.calibration)
+        out[~seen] = self.prior
+        return out
+
+    def to_dict(self, base: Path | None = None) -> dict[str, Any]:
+        runs = [_relative(r, base) for r in self.runs]
+        return {
+            "format": ENSEMBLE_FORMAT,
+            "models": self.models,
+            "runs": runs,
+            "weights": {
+                g: dict(zip(self.models, map(float, self.weights[gi]), strict=True))
+                for gi, g in enumerate(METRIC_GROUPS)
+            },  # fmt: skip
+            "calibration": {
+                "temperature": self.calibration.temperature,
+                "severe_scale": self.calibration.severe_scale,
+            },
+            "prior": np.asarray(self.prior).round(6).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Ensemble:
+        if raw.get("format") != ENSEMBLE_FORMAT:
+            raise ValueError(f"ensemble format {raw.get('format')!r}, expected {ENSEMBLE_FORMAT}")
+        models = list(raw["models"])
+        weights = np.array([[raw["weights"][g][m] for m in models] for g in METRIC_GROUPS])
+        cal = raw["calibration"]
+        return cls(
+            models=models,
+            runs=list(raw["runs"]),
+            weights=weights,
+            calibration=Calibration(float(cal["temperature"]), float(cal["severe_scale"])),
+            prior=np.asarray(raw["prior"], np.float64),
+        )
+
+    def run_dirs(self, base: str | Path) -> list[Path]:
+        """The run folders, resolved against `base` (the ensemble file's folder)."""
+        return [Path(base) / r for r in self.runs]
+
+
+def _relative(path: str | Path, base: Path | None) -> str:
+    if base is None:
+        return str(path)
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
+
+
+def save_ensemble(ens: Ensemble, path: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """Write the ensemble (run paths relative to the file, so a copied folder still works)."""
+    from lsdc.fileio import atomic_write_json
+
+    path = Path(path)
+    payload = ens.to_dict(path.parent)
+    if report is not None:
+        payload["oof"] = report
+    return atomic_write_json(path, payload)
+
+
+def load_ensemble(path: str | Path) -> Ensemble:
+    from lsdc.fileio import reading
+
+    with reading(path, "ensemble file"):
+        raw = json.loads(Path(path).read_text())
+    try:
+        return Ensemble.from_dict(raw)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an ensemble file (missing {exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _weights_from(x: np.ndarray, m: int) -> np.ndarray:
+    logits = np.concatenate([np.zeros((len(METRIC_GROUPS), 1)), x.reshape(-1, m - 1)], axis=1)
+    logits = np.clip(logits, -_LOGIT_BOUND, _LOGIT_BOUND)
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def fit_weights(labels: np.ndarray, probs: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-group model weights (len(METRIC_GROUPS), M) minimising the metric of the linear pool
+    (uncalibrated) on fully available rows; equal weights when the fit gains nothing."""
+    from scipy.optimize import minimize
+
+    m = len(probs)
+    equal = np.full((len(METRIC_GROUPS), m), 1.0 / m)
+    if m == 1 or not (np.asarray(labels) >= 0).any():
+        return equal
+    ens = Ensemble([str(i) for i in range(m)], [""] * m, equal)
+
+    def loss(x: np.ndarray) -> float:
+        ens.weights = _weights_from(x, m)
+        return score_arrays(labels, ens.combine(probs))["score"]
+
+    x0 = np.zeros(len(METRIC_GROUPS) * (m - 1))
+    res = minimize(
+        loss,
+        x0,
+        method="Nelder-Mead",
+        options={"xatol": 1e-3, "fatol": 1e-5, "initial_simplex": initial_simplex(len(x0), 1.0)},
+    )
+    return _weights_from(res.x, m) if res.fun < loss(x0) else equal
+
+
+def fit_pool(labels: np.ndarray, probs: Sequence[np.ndarray], names: Sequence[str]) -> Ensemble:
+    """Weights, then the calibration of the weighted pool, fitted on (labels, probs)."""
+    weights = fit_weights(labels, probs)
+    ens = Ensemble(list(names), [""] * len(names), weights)
+    ens.calibration = fit_calibration(labels, ens.combine(probs))
+    return ens
+
+
+def _split(study_ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(study_ids))
+    out = np.empty(len(study_ids), np.int64)
+    out[order] = np.arange(len(study_ids)) % folds
+    return out
+
+
+@dataclass
+class EnsembleReport:
+    studies: int
+    folds: int
+    score: dict[str, float]  # the ensemble, cross-fitted (honest)
+    models: dict[str, dict[str, float]]  # each model's raw OOF score on the same rows
+    models_calibrated: dict[str, dict[str, float]]  # each with its calibration, cross-fitted
+    equal_weights: dict[str, float]  # equal weights, uncalibrated, no fitting at all
+    class_prior: dict[str, float]
+
+    def beats_each_model(self) -> bool:
+        best = min(s["score"] for d in (self.models, self.models_calibrated) for s in d.values())
+        return self.score["score"] < best
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "studies": self.studies,
+            "folds": self.folds,
+            "ensemble": self.score,
+            "models": self.models,
+            "models_calibrated": self.models_calibrated,
+            "equal_weights": self.equal_weights,
+            "class_prior": self.class_prior,
+            "beats_each_model": self.beats_each_model(),
+        }
+
+
+@dataclass
+class OOF:
+    """One run's out-of-fold predictions (its `oof.npz`)."""
+
+    study_ids: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> OOF:
+        from lsdc.fileio import load_npz
+
+        path = Path(run_dir) / "oof.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no out-of-fold predictions (is the run finished?)")
+        arrays, _ = load_npz(path)
+        return cls(arrays["study_ids"], arrays["probs"], arrays["labels"])
+
+
+def align(oofs: Sequence[OOF]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(study ids common to every OOF, their labels, each model's probs on those rows)."""
+    common = sorted(set.intersection(*(set(o.study_ids.tolist()) for o in oofs)))
+    if not common:
+        raise ValueError("the runs' out-of-fold predictions share no study")
+    ids = np.asarray(common, np.int64)
+    rows = [{int(s): i for i, s in enumerate(o.study_ids)} for o in oofs]
+    probs = [o.probs[[r[int(s)] for s in ids]] for o, r in zip(oofs, rows, strict=True)]
+    labels = oofs[0].labels[[rows[0][int(s)] for s in ids]]
+    return ids, labels, probs
+
+
+def fit_ensemble(
+    run_dirs: Mapping[str, str | Path], *, folds: int = 5, seed: int = 0
+) -> tuple[Ensemble, EnsembleReport]:
+    """Fit the pool of `run_dirs` ({name: run folder}) on their common OOF studies, with its
+    own cross-validation (see the module docstring)."""
+    from lsdc.training.engine import class_prior
+
+    names = list(run_dirs)
+    if not names:
+        raise ValueError("an ensemble needs at least one run")
+    oofs = [OOF.load(run_dirs[n]) for n in names]
+    ids, labels, probs = align(oofs)
+    k = max(2, min(folds, len(ids)))
+    split = _split(ids, k, seed)
+    pooled = np.empty((len(ids), 25, 3))
+    own = {n: np.empty((len(ids), 25, 3)) for n in names}
+    prior_rows = np.empty((len(ids), 25, 3))
+    for f in range(k):
+        tr, te = split != f, split == f
+        ens = fit_pool(labels[tr], [p[tr] for p in probs], names)
+        pooled[te] = ens.combine([p[te] for p in probs])
+        for n, p in zip(names, probs, strict=True):
+            own[n][te] = apply_calibration(p[te], fit_calibration(labels[tr], p[tr]))
+        prior_rows[te] = class_prior(labels[tr])
+    equal = Ensemble(
+        names, [""] * len(names), np.full((len(METRIC_GROUPS), len(names)), 1 / len(names))
+    )
+    report = EnsembleReport(
+        studies=len(ids),
+        folds=k,
+        score=score_arrays(labels, pooled),
+        models={n: score_arrays(labels, p) for n, p in zip(names, probs, strict=True)},
+        models_calibrated={n: score_arrays(labels, own[n]) for n in names},
+        equal_weights=score_arrays(labels, equal.combine(probs)),
+        class_prior=score_arrays(labels, prior_rows),
+    )
+    final = fit_pool(labels, probs, names)
+    final.runs = [str(run_dirs[n]) for n in names]
+    # The prior of every labelled study any run trained on, for studies no model can see.
+    by_study = {int(s): lab for o in oofs for s, lab in zip(o.study_ids, o.labels, strict=True)}
+    final.prior = class_prior(np.stack(list(by_study.values())))
+    return final, report
