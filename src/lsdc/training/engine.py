@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -338,6 +339,18 @@ def resolve_run_config(
     return cfg, saved
 
 
+def portable_paths(tree: Any, base: Path) -> Any:
+    """`tree` with every absolute path string rewritten relative to `base`, so that a run
+    folder names no place outside itself: copied elsewhere, it says the same thing."""
+    if isinstance(tree, dict):
+        return {k: portable_paths(v, base) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [portable_paths(v, base) for v in tree]
+    if isinstance(tree, str) and os.path.isabs(tree):
+        return Path(os.path.relpath(tree, Path(base).resolve())).as_posix()
+    return tree
+
+
 def _trained_anything(run_dir: Path) -> bool:
     """Whether some fold of the run has a checkpoint or a result."""
     return any(run_dir.glob("fold*/checkpoints/*.ckpt")) or any(run_dir.glob("fold*/result.json"))
@@ -457,15 +470,18 @@ def run_cross_validation(
 
     atomic_write_json(
         run_dir / RUN_FILE,
-        {
-            "task": task.name,
-            "model_name": task.model_name,
-            "model_kwargs": task.model_kwargs,
-            "folds": selected,
-            "n_folds": n_folds,
-            "model_file": MODEL_FILE,
-            **task.extra,
-        },
+        portable_paths(
+            {
+                "task": task.name,
+                "model_name": task.model_name,
+                "model_kwargs": task.model_kwargs,
+                "folds": selected,
+                "n_folds": n_folds,
+                "model_file": MODEL_FILE,
+                **task.extra,
+            },
+            run_dir,
+        ),
     )
 
     oof_ids, oof_probs, fold_seconds, epoch_seconds = [], [], {}, []

@@ -275,6 +275,7 @@ def train_multitask(
     epochs: int | None = None,
     overrides: Sequence[str] = (),
     config_path: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> CVResult:
     """Cross-validate the multitask model on `cache_dir` into `run_dir` (resumable)."""
     import json
@@ -285,7 +286,7 @@ def train_multitask(
     )  # fmt: skip
     task = multitask_task(cache_dir, cfg)
     save_config(cfg, saved)
-    result = run_cross_validation(saved.parent, task, cfg.engine)
+    result = run_cross_validation(saved.parent, task, cfg.engine, callbacks)
     errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])
     summary_path = saved.parent / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())

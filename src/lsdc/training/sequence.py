@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from lsdc.config import config_to_dict, save_config
 from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
@@ -85,6 +86,7 @@ def train_sequence(
     epochs: int | None = None,
     overrides: Sequence[str] = (),
     config_path: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> CVResult:
     """Cross-validate the sequence model on `cache_dir` into `run_dir` (resumable)."""
     cfg, saved = resolve_run_config(
@@ -92,4 +94,4 @@ def train_sequence(
         config_path=config_path,
     )  # fmt: skip
     save_config(cfg, saved)
-    return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine)
+    return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine, callbacks)

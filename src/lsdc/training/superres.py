@@ -18,6 +18,7 @@ Run folder:
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -416,7 +417,7 @@ def train_sr(
         run_dir / REPORT_FILE,
         {
             **{k: v for k, v in asdict(report).items() if k != "run_dir"},
-            "cache_dir": str(Path(cache_dir).resolve()),
+            "cache_dir": os.path.relpath(Path(cache_dir).resolve(), run_dir.resolve()),
             "studies_train": train_ids,
             "studies_val": val_ids,
             "studies_unreadable": {str(k): v for k, v in unreadable.items()},
