@@ -145,6 +145,7 @@ def test_full_report(tmp_path: Path) -> None:
     assert "40%" in page.cells and "100%" in page.cells  # gap closed as a share
     assert "0.75×" in page.cells  # ratio to the prior
     assert "seq &lt;b&gt;&amp; predicted 3" in text  # fewer studies than the truth holds
+    assert "the 3 of the 4 in the truth that every model predicted" in text
     assert "Keypoint error" in text and "Sagittal T1" in page.cells
     assert "312.5" in page.cells  # stage total
     assert json.loads((out / "scores.json").read_text()) == SCORES

@@ -152,11 +152,14 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
     models = [n for n, r in rows.items() if r.get("kind") == "model"]
     best = min(models, key=lambda n: _finite_or_inf(rows[n]["score"]), default=None)
     n, total = scores.get("studies"), scores.get("test_studies")
+    if total and n != total:
+        which = f"the {n} of the {total} in the truth that every model predicted"
+    else:
+        which = f"{n} held-out test studies" + (", all those in the truth" if total else "")
     intro = (
-        f"Official metric on {n} held-out test studies"
-        + (f" (of {total} in the truth: those every model predicted)" if total else "")
-        + ". Lower is better. <em>× prior</em>: score divided by the class prior's on the same "
-        "rows. <em>gap closed</em>: (prior − model) / (prior − oracle), the share of the way "
+        f"Official metric on {which}; every row is scored on the same studies. Lower is "
+        "better. <em>× prior</em>: score divided by the class prior's on the same rows. "
+        "<em>gap closed</em>: (prior − model) / (prior − oracle), the share of the way "
         "from the class prior to the oracle (a classifier given the phantom's true narrowing, "
         "the floor the labels' noise allows) that a model covers."
     )
