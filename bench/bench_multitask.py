@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import oracle_probs, ratio, test_scores  # noqa: E402
+from common import heldout_scores, oracle_probs, ratio  # noqa: E402
 
 DEFAULT_OVERRIDES = [
     "model.backbone=resnet10t",
@@ -296,16 +296,16 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_study": per_study,
             "device": "cpu",
         }
-        scored = test_scores(data, pred.study_ids, pred.probs)
+        scored = heldout_scores(data, pred.study_ids, pred.probs)
         if scored is not None:
             result["test"] = scored
             if predictor.calibration is not None:
                 # the same folds without the OOF-fitted calibration, for its effect
                 predictor.calibration = None
                 raw = predictor.predict_cache(caches["test"], batch_size=1)
-                result["test"]["model_uncalibrated"] = test_scores(data, raw.study_ids, raw.probs)[
-                    "model"
-                ]
+                result["test"]["model_uncalibrated"] = heldout_scores(
+                    data, raw.study_ids, raw.probs
+                )["model"]
 
     if args.sequence_json is not None and args.sequence_json.exists():
         seq = json.loads(args.sequence_json.read_text())

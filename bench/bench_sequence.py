@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import oracle_probs, ratio, test_scores  # noqa: E402
+from common import heldout_scores, oracle_probs, ratio  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_study": per_study,
             "device": args.infer_device,
         }
-        scored = test_scores(data, pred.study_ids, pred.probs)
+        scored = heldout_scores(data, pred.study_ids, pred.probs)
         if scored is not None:
             result["test"] = scored
 
