@@ -68,19 +68,22 @@ def initial_simplex(dims: int, step: float = 0.3) -> np.ndarray:
     return np.vstack([np.zeros(dims), step * np.eye(dims)])
 
 
-def fit_calibration(labels: np.ndarray, probs: np.ndarray) -> Calibration:
+def fit_calibration(labels: np.ndarray, probs: np.ndarray, *, shrink: float = 0.0) -> Calibration:
     """The parameters minimising the metric on (labels (n, 25), probs (n, 25, 3)); the identity
-    when nothing is labelled or the fit does not improve the score."""
+    when nothing is labelled or the fit does not improve the score. `shrink` adds
+    shrink / n * |log params|^2, pulling a fit on few studies toward the identity."""
     from scipy.optimize import minimize
 
     labels = np.asarray(labels)
     if not (labels >= 0).any():
         return Calibration()
 
+    penalty = shrink / len(labels)
+
     def loss(x: np.ndarray) -> float:
         x = np.clip(x, -_BOUND, _BOUND)
         cal = Calibration(float(np.exp(x[0])), float(np.exp(x[1])))
-        return score_arrays(labels, apply_calibration(probs, cal))["score"]
+        return score_arrays(labels, apply_calibration(probs, cal))["score"] + penalty * (x @ x)
 
     res = minimize(
         loss,
