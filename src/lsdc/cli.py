@@ -15,6 +15,8 @@ train_app = typer.Typer(no_args_is_help=True, help="Train a model; writes a run 
 viz_app = typer.Typer(no_args_is_help=True, help="Pictures (PNG) of data, crops and results.")
 app.add_typer(train_app, name="train")
 app.add_typer(viz_app, name="viz")
+ensemble_app = typer.Typer(no_args_is_help=True, help="Pool several runs' predictions.")
+app.add_typer(ensemble_app, name="ensemble")
 
 
 @app.command()
@@ -303,20 +305,68 @@ def viz_sequence(
 
 @app.command("predict")
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Trained run folder (lsdc train ...).")],
-    cache_dir: Annotated[Path, typer.Argument(help="Cache preprocessed like the run's.")],
-    out: Annotated[Path, typer.Option(help="Submission CSV to write.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="With --runs: the RSNA-format data folder. Without: a run folder (expert form, "
+            "with CACHE_DIR)."
+        ),
+    ],
+    cache_dir: Annotated[
+        Path | None, typer.Argument(help="Expert form: a cache preprocessed like the run's.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Submission CSV to write.")] = Path("submission.csv"),
+    runs: Annotated[
+        Path | None, typer.Option(help="Runs folder made by `lsdc fit` (from raw DICOM).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Which <split>_images folder to predict.")] = "test",
+    work: Annotated[
+        Path | None, typer.Option(help="Keep the test caches here (default: a temporary folder).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
     series_descriptions: Annotated[
         Path | None,
-        typer.Option(help="Studies that must appear (missing ones get the class prior)."),
+        typer.Option(help="Expert form: studies that must appear (missing: the class prior)."),
     ] = None,
     tta_flip: Annotated[bool, typer.Option(help="Average with the left/right mirror.")] = True,
 ) -> None:
-    """Fold-averaged predictions of a run on a cache, written as a submission."""
+    """Predict a submission: `lsdc predict DATA_DIR --runs RUNS --out SUB.csv` runs every stage
+    from raw DICOM folders; `lsdc predict RUN CACHE --out SUB.csv` predicts one run on a cache."""
+    if runs is not None:
+        from lsdc.pipeline import predict
+
+        if cache_dir is not None:
+            raise ValueError("with --runs, give only the data folder (no CACHE_DIR)")
+        rep = predict(
+            source,
+            runs,
+            out,
+            split=split,
+            work_dir=work,
+            workers=workers,
+            tta_flip=tta_flip,
+            log=typer.echo,
+        )
+        typer.echo(
+            f"{rep.studies} studies -> {rep.path} ("
+            + ", ".join(f"{m} saw {n}" for m, n in rep.seen_by.items())
+            + ")"
+        )
+        if rep.warnings:
+            typer.echo(f"{len(rep.warnings)} warnings -> {rep.warnings_path}", err=True)
+        if rep.prior_only:
+            typer.echo(
+                f"{len(rep.prior_only)} studies got the class prior: "
+                + ", ".join(map(str, rep.prior_only[:10])),
+                err=True,
+            )
+        return
+    if cache_dir is None:
+        raise ValueError("give --runs RUNS_DIR (from raw data), or RUN_DIR CACHE_DIR")
     from lsdc.inference.predictor import predict_submission
 
     report = predict_submission(
-        run_dir, cache_dir, out, series_descriptions=series_descriptions, tta_flip=tta_flip
+        source, cache_dir, out, series_descriptions=series_descriptions, tta_flip=tta_flip
     )
     typer.echo(f"{report.predicted} studies predicted -> {report.path}")
     if report.coordinates is not None:
@@ -327,6 +377,59 @@ def predict_cmd(
             + ", ".join(map(str, report.filled)),
             err=True,
         )
+
+
+@app.command("fit")
+def fit_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="RSNA-format data folder (train split).")],
+    out: Annotated[Path, typer.Option(help="Runs folder to write (resumed when it exists).")],
+    preset: Annotated[str, typer.Option(help="demo | cpu | gpu: model sizes and epochs.")] = "cpu",
+    models: Annotated[str, typer.Option(help="Comma-separated families.")] = "multitask,sequence",
+    work: Annotated[
+        Path | None, typer.Option(help="Training caches here (default RUNS/cache).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="STAGE.key=value, e.g. multitask.engine.epochs=3 sequence_cache.size=96"
+        ),
+    ] = None,
+) -> None:
+    """Train every stage (slice relevance, caches, super-resolution, models on all folds, the
+    ensemble) into a runs folder that `lsdc predict DATA --runs` uses. Library messages go to
+    RUNS/fit.log; timings and scores to RUNS/fit.json."""
+    from lsdc.pipeline import fit
+
+    rep = fit(
+        data_dir,
+        out,
+        preset=preset,
+        models=models.split(","),
+        overrides=overrides or [],
+        work_dir=work,
+        workers=workers,
+        log=typer.echo,
+    )
+    typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
+
+
+@ensemble_app.command("fit")
+def ensemble_fit_cmd(
+    runs: Annotated[list[Path], typer.Option(help="Run folders to pool (repeat the option).")],
+    out: Annotated[Path, typer.Option(help="Ensemble JSON to write.")],
+    folds: Annotated[int, typer.Option(help="The ensemble's own CV folds.")] = 5,
+) -> None:
+    """Fit per-condition weights and a calibration on the runs' out-of-fold predictions; the
+    ensemble's OOF score is cross-fitted, never measured on the rows it was fitted on."""
+    import json
+
+    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
+
+    ens, rep = fit_ensemble({r.name: r for r in runs}, folds=folds)
+    save_ensemble(ens, out, rep.to_dict())
+    typer.echo(json.dumps(rep.to_dict(), indent=1))
+    typer.echo(f"wrote {out}")
 
 
 @app.command("demo")

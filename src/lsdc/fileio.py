@@ -109,6 +109,13 @@ def load_npz(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return arrays, json.loads(raw.decode("utf-8"))
 
 
+def load_npz_meta(path: str | Path) -> dict[str, Any]:
+    """Only the `meta` of a `save_npz` file (the arrays are not read)."""
+    with reading(path), np.load(path, allow_pickle=False) as z:
+        raw = z[META_KEY].tobytes() if META_KEY in z.files else b"{}"
+        return json.loads(raw.decode("utf-8"))
+
+
 def check_npz(path: str | Path) -> str | None:
     """Why a `save_npz` file is damaged, or None when it is whole: the zip directory must be
     present and every member must match its CRC-32 (this reads the whole file once)."""

@@ -348,6 +348,8 @@ def build_study(
 
     descriptions = dataset_descriptions(str(data_dir), split).get(study_id)
     study = load_study(data_dir, study_id, split=split, descriptions=descriptions)
+    if not study.series:  # nothing to crop: a failed study (listed), not an empty one
+        raise ValueError(f"study {study_id}: no readable series ({'; '.join(study.errors)})")
     labels = dataset_labels(str(data_dir)) if split == "train" else {}
     severity = dataset_severity(str(data_dir)).get(int(study_id)) if split == "train" else None
     predictions: dict[int, Mapping[str, Any]] = {}

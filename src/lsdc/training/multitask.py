@@ -91,7 +91,9 @@ class MultitaskTrainConfig:
     # From scratch, small batches and a higher rate train the keypoint heads in fewer epochs.
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3, batch_size=4))
     # A `lsdc train sr` run folder (or a .safetensors file with its sr.json); required when
-    # model.upsample=sr.
+    # model.upsample=sr. A relative path is looked up beside the run folder's parent first
+    # (`../sr` from runs/multitask: what `lsdc fit` writes, so a copied runs folder needs no
+    # absolute path), then from the working directory.
     sr_run: str | None = None
 
 
@@ -176,19 +178,30 @@ def _make_dataset(
     return MultitaskDataset(cache_dir, ids, config=data, train=train, seed=seed)
 
 
-def _model_kwargs(cfg: MultitaskTrainConfig) -> dict[str, Any]:
+def resolve_sr_run(sr_run: str, run_dir: str | Path | None) -> Path:
+    """Where `sr_run` points (see `MultitaskTrainConfig.sr_run`)."""
+    path = Path(sr_run)
+    if not path.is_absolute() and run_dir is not None and (Path(run_dir) / path).exists():
+        return (Path(run_dir) / path).resolve()
+    return path.resolve()
+
+
+def _model_kwargs(cfg: MultitaskTrainConfig, run_dir: str | Path | None) -> dict[str, Any]:
     kwargs = config_to_dict(cfg.model)
     if cfg.model.upsample == "sr":
         if not cfg.sr_run:
             raise ValueError("model.upsample=sr needs sr_run=<a `lsdc train sr` run folder>")
         from lsdc.models.superres import load_sr
 
-        sr = load_sr(cfg.sr_run)  # fails here, naming the file, before any training
-        kwargs.update(sr_path=str(Path(cfg.sr_run).resolve()), sr_kwargs=sr.kwargs)
+        path = resolve_sr_run(cfg.sr_run, run_dir)
+        sr = load_sr(path)  # fails here, naming the file, before any training
+        kwargs.update(sr_path=str(path), sr_kwargs=sr.kwargs)
     return kwargs
 
 
-def multitask_task(cache_dir: str | Path, cfg: MultitaskTrainConfig) -> TrainTask:
+def multitask_task(
+    cache_dir: str | Path, cfg: MultitaskTrainConfig, run_dir: str | Path | None = None
+) -> TrainTask:
     """A `TrainTask` over the labelled studies of a multitask train cache."""
     cache = StudyCache.open(cache_dir)
     if cache.pipeline != "multitask":
@@ -206,7 +219,7 @@ def multitask_task(cache_dir: str | Path, cfg: MultitaskTrainConfig) -> TrainTas
     return TrainTask(
         name="multitask",
         model_name="multitask",
-        model_kwargs=_model_kwargs(cfg),
+        model_kwargs=_model_kwargs(cfg, run_dir),
         study_ids=ids,
         labels=labels[labelled],
         make_dataset=partial(_make_dataset, root, cfg.data, cfg.engine.seed),
@@ -284,7 +297,7 @@ def train_multitask(
         MultitaskTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
         config_path=config_path,
     )  # fmt: skip
-    task = multitask_task(cache_dir, cfg)
+    task = multitask_task(cache_dir, cfg, saved.parent)
     save_config(cfg, saved)
     result = run_cross_validation(saved.parent, task, cfg.engine, callbacks)
     errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])

@@ -1,0 +1,117 @@
+"""`lsdc fit` / `lsdc predict DATA --runs`: plan, resume, portability, degraded studies."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lsdc.cli import main
+from lsdc.inference.submission import validate_submission_file
+from lsdc.pipeline import PLAN_FILE, make_plan, predict, stages_of
+from lsdc.synth import generate_dataset
+
+TINY = [
+    "relevance.folds=2",
+    "multitask.engine.epochs=1",
+    "sequence.engine.epochs=1",
+    "multitask.model.backbone=test_convnext",
+    "sequence.model.backbone=test_convnext",
+    "multitask.data.input.sagittal_size=32",
+    "multitask.data.input.axial_size=32",
+    "multitask.model.window_px=16",
+    "sequence_cache.size=32",
+    "sr.steps=5",
+]
+
+
+def test_plan_puts_user_overrides_after_the_preset_and_refuses_unknown_stages():
+    plan = make_plan("demo", ["sequence"], ["sequence.engine.epochs=2"])
+    assert plan.overrides["sequence"][-1] == "engine.epochs=2"
+    assert stages_of(plan) == ["relevance", "sequence_cache", "sequence", "ensemble"]
+    with pytest.raises(ValueError, match="STAGE.key=value"):
+        make_plan("demo", ["sequence"], ["epochs=2"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_plan("laptop")
+    with pytest.raises(ValueError, match="models must be"):
+        make_plan("demo", ["resnet"])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "data"
+    generate_dataset(data, train_studies=10, test_studies=3, size=64, seed=3, workers=1)
+    code = _cli(["fit", str(data), "--out", str(root / "runs"), "--preset", "demo", *TINY])
+    assert code == 0
+    return root
+
+
+def _cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.mark.slow
+def test_fit_writes_a_portable_runs_folder_that_predicts_from_raw_dicom(fitted, tmp_path, capsys):
+    data, runs = fitted / "data", fitted / "runs"
+    fit_json = json.loads((runs / "fit.json").read_text())
+    assert set(fit_json["seconds"]) == set(stages_of(make_plan("demo", overrides=TINY)))
+    assert "ensemble" in fit_json and (runs / "ensemble.json").exists()
+    log = (runs / "fit.log").read_text()
+    assert "GPU available" in log  # Lightning's banner went to the log...
+    assert "GPU available" not in capsys.readouterr().out  # ...not to the terminal
+    # No file of the runs folder (outside its caches) names an absolute path.
+    for f in runs.rglob("*"):
+        if f.suffix in (".json", ".yaml", ".csv") and "cache" not in f.relative_to(runs).parts:
+            assert str(fitted) not in f.read_text(), f
+
+    # Copied elsewhere without its training caches, the runs folder predicts the same.
+    first = predict(data, runs, tmp_path / "a" / "submission.csv")
+    moved = tmp_path / "moved"
+    shutil.copytree(runs, moved, ignore=shutil.ignore_patterns("cache", "checkpoints"))
+    second = predict(data, moved, tmp_path / "b" / "submission.csv")
+    assert first.path.read_text() == second.path.read_text()
+    assert validate_submission_file(first.path, data / "test_series_descriptions.csv") == []
+    assert first.seen_by == {"multitask": 3, "sequence": 3} and first.prior_only == []
+    assert first.coordinates is not None and first.coordinates.exists()
+
+
+@pytest.mark.slow
+def test_fit_resumes_and_refuses_other_settings_for_finished_stages(fitted, capsys):
+    data, runs = fitted / "data", fitted / "runs"
+    plan = (runs / PLAN_FILE).read_text()
+    assert _cli(["fit", str(data), "--out", str(runs), "--preset", "demo", *TINY]) == 0
+    assert (runs / PLAN_FILE).read_text() == plan
+    code = _cli(["fit", str(data), "--out", str(runs), "--preset", "demo", *TINY,
+                 "sequence.engine.epochs=7"])  # fmt: skip
+    assert code == 1
+    assert "other settings for sequence" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_study_missing_a_series_or_unreadable_is_degraded_and_listed(fitted, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(fitted / "data", data)
+    desc = pd.read_csv(data / "test_series_descriptions.csv")
+    studies = sorted(desc["study_id"].unique())
+    # Study A: its Sagittal T1 series is gone from disk. Study B: every file is garbage.
+    a, b = int(studies[0]), int(studies[1])
+    t1 = desc[(desc.study_id == a) & (desc.series_description == "Sagittal T1")].series_id
+    shutil.rmtree(data / "test_images" / str(a) / str(int(t1.iloc[0])))
+    for f in (data / "test_images" / str(b)).rglob("*.dcm"):
+        f.write_bytes(b"not a dicom")
+
+    rep = predict(data, fitted / "runs", tmp_path / "out" / "submission.csv")
+    assert validate_submission_file(rep.path, data / "test_series_descriptions.csv") == []
+    assert rep.prior_only == [b]
+    warned = pd.read_csv(rep.warnings_path)
+    assert set(warned.study_id) == {a, b}
+    assert "Sagittal T1" in " ".join(warned[warned.study_id == a].problem)
+    sub = pd.read_csv(rep.path)
+    assert len(sub) == 25 * len(studies)
+    assert not list(Path(rep.path.parent).glob("*.tmp*"))
