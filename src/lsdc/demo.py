@@ -1,18 +1,15 @@
-"""The end-to-end demo on phantom data: every stage that exists, in order, on a laptop.
-
-phantom (synth) -> slice relevance (train + CV report) -> multitask crops (train and test caches,
-picture) -> sequence caches -> sequence model (cross-validated, OOF score) -> multitask model
-(cross-validated, OOF score and keypoint error) -> test predictions of both -> valid submissions
--> scored against the phantom's truth, next to the class prior.
+"""The end-to-end demo on phantom data: phantom -> `lsdc fit --preset demo` -> `lsdc predict` on
+the held-out studies -> everything scored against the phantom's truth -> an HTML report.
 
 Output folder:
   data/                 the phantom dataset (RSNA layout + truth/)
-  runs/slice-relevance  runs/sequence  runs/multitask    run folders
-  cache/                per-study caches of both pipelines
-  pictures/             phantom montage, multitask crops, sequence slices, training curves,
-                        predicted vs true keypoints
-  submission.csv        the sequence model's predictions for the phantom's test studies
-  submission-multitask.csv (+ _coordinates.csv)  the multitask model's, with its keypoints
+  runs/                 the runs folder of `lsdc fit` (plan, slice relevance, SR, both model
+                        families, ensemble; training caches in runs/cache)
+  work/                 the test caches made by `lsdc predict`
+  submission.csv        the ensemble's predictions for the test studies (+ _warnings.csv,
+                        _coordinates.csv)
+  report/index.html     the report (scores vs class prior, uniform and oracle; confusion
+                        matrices; keypoint error; predicted points; curves; stage times)
   demo.json             every figure of the run
 A rerun reuses finished stages (same phantom, caches, finished folds).
 """
@@ -20,7 +17,6 @@ A rerun reuses finished stages (same phantom, caches, finished folds).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,19 +27,15 @@ from lsdc.fileio import atomic_write_json
 
 @dataclass
 class DemoConfig:
-    # Sized so the model clears the class prior on the test studies in minutes on 2 cores.
     train_studies: int = 80
     test_studies: int = 20
     size: int = 128  # sagittal matrix of the phantom, px
     seed: int = 0
     workers: int = 2
-    folds: int = 2
-    relevance_folds: int = 3  # study-wise CV folds of the slice-relevance report
-    epochs: int = 10
-    crop_size: int = 64  # sequence-model input, px
-    backbone: str = "resnet10t"
-    multitask_input: int = 96  # multitask first-pass input, px (crops are cached at 128)
-    multitask_epochs: int = 12
+    preset: str = "demo"
+    models: list[str] = field(default_factory=lambda: ["multitask", "sequence"])
+    # `lsdc fit` overrides (STAGE.key=value) on top of the preset
+    fit: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -68,171 +60,169 @@ def _phantom_matches(data: Path, cfg: DemoConfig) -> bool:
     return all(args.get(k) == v for k, v in wanted.items())
 
 
+def _model_test_probs(runs: Path, work: Path, models: list[str]) -> dict[str, tuple]:
+    """Each model's own test predictions (its run's calibration applied), from the caches that
+    `predict` left in `work`: what the model scores alone, beside the ensemble."""
+    from lsdc.inference.predictor import Predictor
+
+    out = {}
+    for name in models:
+        preds = Predictor.from_run(runs / name, tta_flip=True).predict_cache(work / f"{name}-test")
+        out[name] = (preds.study_ids, preds.probs)
+    return out
+
+
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -> DemoReport:
     """Run the whole demo into `out_dir`; returns (and writes to demo.json) its figures."""
-    from lsdc.inference.predictor import predict_submission
-    from lsdc.inference.submission import validate_submission_file
-    from lsdc.inference.viz import plot_multitask_study
-    from lsdc.io.tables import read_train_labels
-    from lsdc.metrics import labels_array, score_arrays, score_files
-    from lsdc.preprocess import multitask, sequence
-    from lsdc.preprocess.cache import StudyCache
-    from lsdc.preprocess.slice_relevance import format_table, train_slice_relevance
-    from lsdc.preprocess.viz import plot_crops
-    from lsdc.synth import generate_dataset, study_ids
-    from lsdc.synth.preview import render_preview
-    from lsdc.training.engine import class_prior
-    from lsdc.training.multitask import train_multitask
-    from lsdc.training.sequence import train_sequence
+    from lsdc.evaluation import score_table
+    from lsdc.pipeline import fit, predict
+    from lsdc.synth import generate_dataset
 
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
-    data, runs, cache, pics = out / "data", out / "runs", out / "cache", out / "pictures"
-    pics.mkdir(parents=True, exist_ok=True)
+    data, runs, work = out / "data", out / "runs", out / "work"
+    out.mkdir(parents=True, exist_ok=True)
     report = DemoReport(out)
 
-    def stage(name: str):
-        report.seconds[name] = time.perf_counter()
+    def timed(name: str, fn, parts=lambda result: {}):
+        """Run a stage; record its own parts' seconds when it has them (no double count)."""
         log(f"[lsdc demo] {name}")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = round(time.perf_counter() - t0, 1)
+        split = {f"{name}: {k}": v for k, v in parts(result).items()}
+        report.seconds.update(split or {name: seconds})
+        log(f"[lsdc demo] {name}: {seconds:.0f} s")
+        return result
 
-    def done(name: str) -> None:
-        report.seconds[name] = round(time.perf_counter() - report.seconds[name], 1)
-
-    stage("phantom")
     if not _phantom_matches(data, cfg):
-        generate_dataset(
+        timed(
+            "phantom",
+            lambda: generate_dataset(
+                data,
+                train_studies=cfg.train_studies,
+                test_studies=cfg.test_studies,
+                size=cfg.size,
+                seed=cfg.seed,
+                workers=cfg.workers,
+            ),
+        )
+    fitted = timed(
+        "fit",
+        lambda: fit(
             data,
-            train_studies=cfg.train_studies,
-            test_studies=cfg.test_studies,
-            size=cfg.size,
-            seed=cfg.seed,
+            runs,
+            preset=cfg.preset,
+            models=cfg.models,
+            overrides=cfg.fit,
             workers=cfg.workers,
+            log=log,
+        ),
+        parts=lambda r: r.seconds,
+    )
+    sub = timed(
+        "predict",
+        lambda: predict(
+            data,
+            runs,
+            out / "submission.csv",
+            work_dir=work,
+            workers=cfg.workers,
+            log=log,
+        ),
+        parts=lambda r: r.seconds,
+    )
+
+    predictions = {"ensemble": (sub.study_ids, sub.probs)}
+    predictions.update(_model_test_probs(runs, work, cfg.models))
+    table = score_table(data, predictions)
+    report.figures.update(
+        test=table,
+        oof=fitted.oof,
+        ensemble_oof=fitted.ensemble,
+        warnings=sub.warnings,
+        prior_only=sub.prior_only,
+    )
+    summary = runs / "multitask" / "summary.json"
+    if summary.exists():
+        report.figures["keypoint_error_mm"] = json.loads(summary.read_text()).get(
+            "keypoint_error_mm"
         )
-    first = study_ids(cfg.seed, 1)[0]
-    render_preview(data, first, pics / "phantom.png")
-    done("phantom")
-
-    stage("slice relevance")
-    relevance = runs / "slice-relevance"
-    # report.md is written last: its presence means a finished run, reused as it is (the
-    # multitask caches are keyed to the run's files, so retraining would invalidate them).
-    if not (relevance / "report.md").exists():
-        sr = train_slice_relevance(
-            data, relevance, workers=cfg.workers, overrides=[f"folds={cfg.relevance_folds}"]
-        )
-        log(format_table(sr.table))
-    report.figures["slice_relevance"] = json.loads((relevance / "report.json").read_text())
-    done("slice relevance")
-
-    stage("multitask crops")
-    for split in ("train", "test"):
-        multitask.preprocess_dataset(
-            data, cache / f"multitask-{split}", split=split, workers=cfg.workers,
-            relevance_run=relevance,
-        )  # fmt: skip
-    plot_crops(cache / "multitask-train", first, pics / "multitask-crops.png")
-    done("multitask crops")
-
-    stage("sequence caches")
-    seq_overrides = [f"size={cfg.crop_size}", f"axial_roi_path={relevance / 'axial_roi.json'}"]
-    for split in ("train", "test"):
-        rep = sequence.preprocess_dataset(
-            data, cache / f"sequence-{split}", split=split, workers=cfg.workers,
-            overrides=seq_overrides,
-        )  # fmt: skip
-        if rep.failed:
-            log(f"[lsdc demo] {len(rep.failed)} {split} studies failed: {rep.failed}")
-    sequence.plot_sequence_study(cache / "sequence-train", first, pics / "sequence-slices.png")
-    done("sequence caches")
-
-    stage("sequence model")
-    result = train_sequence(
-        cache / "sequence-train",
-        runs / "sequence",
-        folds=cfg.folds,
-        epochs=cfg.epochs,
-        overrides=[f"model.backbone={cfg.backbone}", "engine.progress_bar=false"],
-    )
-    report.figures["sequence_oof"] = result.score
-    report.figures["sequence_oof_class_prior"] = result.prior_score
-    curves = runs / "sequence" / "curves.png"
-    if curves.exists():
-        shutil.copyfile(curves, pics / "sequence-curves.png")
-    done("sequence model")
-
-    stage("multitask model")
-    mt = train_multitask(
-        cache / "multitask-train",
-        runs / "multitask",
-        folds=cfg.folds,
-        epochs=cfg.multitask_epochs,
-        overrides=[
-            f"model.backbone={cfg.backbone}",
-            f"data.input.sagittal_size={cfg.multitask_input}",
-            f"data.input.axial_size={cfg.multitask_input}",
-            f"model.window_px={max(16, cfg.multitask_input // 4)}",
-            "engine.progress_bar=false",
-        ],
-    )
-    report.figures["multitask_oof"] = mt.score
-    report.figures["multitask_oof_class_prior"] = mt.prior_score
-    mt_summary = json.loads((runs / "multitask" / "summary.json").read_text())
-    report.figures["multitask_keypoint_error_mm"] = mt_summary["keypoint_error_mm"]
-    if (runs / "multitask" / "curves.png").exists():
-        shutil.copyfile(runs / "multitask" / "curves.png", pics / "multitask-curves.png")
-    done("multitask model")
-
-    stage("predict test")
-    sub = predict_submission(
-        runs / "sequence",
-        cache / "sequence-test",
-        out / "submission.csv",
-        series_descriptions=data / "test_series_descriptions.csv",
-        tta_flip=True,
-    )
-    problems = validate_submission_file(sub.path, data / "test_series_descriptions.csv")
-    if problems:
-        raise RuntimeError(f"{sub.path}: invalid submission: {problems[:5]}")
-    truth = data / "truth" / "test_labels.csv"
-    report.figures["test"] = score_files(truth, sub.path)
-    report.figures["test_studies_given_prior"] = sub.filled
-    # The class prior of the training labels on the same test rows: the bar to clear.
-    train_codes = labels_array(read_train_labels(data / "train.csv"))[1]
-    _, test_codes = labels_array(read_train_labels(truth))
-    prior = class_prior(train_codes)
-    report.figures["test_class_prior"] = score_arrays(
-        test_codes, prior[None].repeat(len(test_codes), axis=0)
-    )
-    mt_sub = predict_submission(
-        runs / "multitask",
-        cache / "multitask-test",
-        out / "submission-multitask.csv",
-        series_descriptions=data / "test_series_descriptions.csv",
-        tta_flip=True,
-    )
-    problems = validate_submission_file(mt_sub.path, data / "test_series_descriptions.csv")
-    if problems:
-        raise RuntimeError(f"{mt_sub.path}: invalid submission: {problems[:5]}")
-    report.figures["test_multitask"] = score_files(truth, mt_sub.path)
-    test_ids = StudyCache.open(cache / "multitask-test").study_ids()
-    if test_ids:
-        plot_multitask_study(
-            runs / "multitask", cache / "multitask-test", test_ids[0],
-            pics / "multitask-keypoints.png",
-        )  # fmt: skip
-    done("predict test")
-
+    html = timed("report", lambda: _write_report(out, cfg, report, predictions))
     atomic_write_json(
         out / "demo.json",
         {"config": asdict(cfg), "figures": report.figures, "seconds": report.seconds},
     )
-    p = report.figures["test_class_prior"]
-    for name, key in (("sequence", "test"), ("multitask", "test_multitask")):
-        t = report.figures[key]
+    prior = table["rows"]["class prior"]["score"]
+    for name in ("ensemble", *cfg.models):
+        row = table["rows"][name]
         log(
-            f"[lsdc demo] {name} test score "
-            + ", ".join(f"{k} {v:.4f}" for k, v in t.items())
-            + f"  (class prior {p['score']:.4f})"
+            f"[lsdc demo] {name:9s} test score {row['score']:.4f} = "
+            f"{row['score'] / prior:.2f}x the class prior ({prior:.4f})"
         )
-    log(f"[lsdc demo] submission {sub.path}; pictures in {pics}; figures in {out / 'demo.json'}")
+    log(f"[lsdc demo] submission {sub.path}; report {html}; figures {out / 'demo.json'}")
     return report
+
+
+def _write_report(out: Path, cfg: DemoConfig, report: DemoReport, predictions: dict) -> Path:
+    """Pictures, then the HTML report that shows them."""
+    from lsdc.evaluation import align_predictions
+    from lsdc.inference.viz import plot_multitask_study
+    from lsdc.preprocess.sequence import plot_sequence_study
+    from lsdc.preprocess.viz import plot_crops
+    from lsdc.report import keypoint_error_of, write_report
+    from lsdc.synth import study_ids
+    from lsdc.synth.preview import render_preview
+    from lsdc.training.folds import FOLDS_FILE, load_folds
+
+    data, runs, pics = out / "data", out / "runs", out / "pictures"
+    first = study_ids(cfg.seed, 1)[0]
+    pictures = [
+        ("A phantom study: every series type", render_preview(data, first, pics / "phantom.png"))
+    ]
+    if "multitask" in cfg.models:
+        cache = runs / "cache" / "multitask-train"
+        pictures.append(
+            (
+                "Multitask crops of a training study with their mapped keypoints",
+                plot_crops(cache, first, pics / "multitask-crops.png"),
+            )
+        )
+        # Training studies predicted by the fold model that never saw them: true points exist.
+        folds = load_folds(runs / "multitask" / FOLDS_FILE)
+        for k in sorted(set(folds.values()))[:2]:
+            sid = min(s for s, f in folds.items() if f == k)
+            png = plot_multitask_study(
+                runs / "multitask", cache, sid, pics / f"keypoints-{sid}.png", folds=[k]
+            )
+            pictures.append(
+                (
+                    f"Study {sid} predicted by fold {k}'s model (it never saw it): "
+                    "true vs predicted keypoints, second-pass windows",
+                    png,
+                )
+            )
+    if "sequence" in cfg.models:
+        pictures.append(
+            (
+                "Sequence model input: the ordered, cropped slices of each series type",
+                plot_sequence_study(
+                    runs / "cache" / "sequence-train", first, pics / "sequence.png"
+                ),
+            )
+        )
+    aligned = align_predictions(data, predictions)
+    return write_report(
+        out / "report",
+        scores=report.figures["test"],
+        confusion={n: (aligned.labels, p) for n, p in aligned.probs.items()},
+        run_dirs={m: runs / m for m in cfg.models},
+        keypoint_error=keypoint_error_of(runs / "multitask") if "multitask" in cfg.models else None,
+        stage_seconds=report.seconds,
+        pictures=pictures,
+        title="lsdc demo: phantom data, held-out test studies",
+        notes=[
+            f"{cfg.train_studies} training and {cfg.test_studies} test phantom studies at "
+            f"{cfg.size} px; `lsdc fit --preset {cfg.preset}` then `lsdc predict`.",
+        ],
+    )

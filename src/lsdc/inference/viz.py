@@ -8,6 +8,7 @@ before upsampling and after (SR, bicubic or direct sampling, as the run was trai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,17 @@ _SEVERITY_COLOURS = ("#2ca02c", "#ff7f0e", "#d62728")
 
 
 def plot_multitask_study(
-    run_dir: str | Path, cache_dir: str | Path, study_id: int, out: str | Path
+    run_dir: str | Path,
+    cache_dir: str | Path,
+    study_id: int,
+    out: str | Path,
+    *,
+    folds: Sequence[int] | None = None,
 ) -> Path:
     """Write the PNG `out` for `study_id` of `cache_dir` predicted by the multitask run
-    `run_dir` (fold-averaged keypoints and severities; windows of the first fold's model)."""
+    `run_dir` (keypoints and severities averaged over `folds`, default all; windows of the
+    first fold's model). For a training study, `folds=[its fold]` shows what the model that
+    never saw it predicts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +40,7 @@ def plot_multitask_study(
     from lsdc.inference.predictor import Predictor
     from lsdc.preprocess.multitask import load_multitask_study
 
-    predictor = Predictor.from_run(run_dir, device="cpu")
+    predictor = Predictor.from_run(run_dir, device="cpu", folds=folds)
     if predictor.info["task"] != "multitask":
         raise ValueError(f"{run_dir}: a {predictor.info['task']!r} run, not a multitask run")
     predictor.check_cache(cache_dir)
