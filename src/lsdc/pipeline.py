@@ -585,6 +585,8 @@ def predict(
                     meta = load_npz_meta(cache / f"{sid}.npz")
                     for err in meta.get("series_errors", meta.get("errors", [])):
                         report_warnings.append({"study_id": sid, "model": name, "problem": err})
+            seconds[f"{name} preprocess"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
             log(f"[lsdc predict] {name}: predicting")
             predictor = Predictor.from_run(run, device=device, tta_flip=tta_flip, calibrate=False)
             cached = [s for s in listed if s not in rep.failed and (cache / f"{s}.npz").exists()]
@@ -599,7 +601,7 @@ def predict(
                     coords = coordinates_table(cache, preds)
             probs.append(p)
             available.append(seen)
-            seconds[name] = round(time.perf_counter() - t0, 1)
+            seconds[f"{name} inference"] = round(time.perf_counter() - t0, 1)
         avail = np.stack(available, axis=1)
         pooled = ens.combine(probs, avail)
     prior_only = [s for s, a in zip(listed, avail.any(axis=1), strict=True) if not a]
