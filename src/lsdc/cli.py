@@ -439,11 +439,15 @@ def demo_cmd(
     ),
     overrides: Annotated[
         list[str] | None,
-        typer.Argument(help="Dotted overrides, e.g. train_studies=80 epochs=10 size=256"),
+        typer.Argument(
+            help="Dotted overrides, e.g. train_studies=200 size=192 "
+            "'fit=\\[multitask.engine.epochs=16]' (lsdc fit overrides)"
+        ),
     ] = None,
 ) -> None:
-    """The whole pipeline on a phantom: synth, slice relevance, crops, sequence model, scored
-    submission."""
+    """The whole product on a phantom: synth, `lsdc fit --preset demo`, `lsdc predict` on the
+    held-out studies, every model and the ensemble scored against the truth beside the class
+    prior, uniform and the oracle; OUT_DIR/report/index.html shows it all."""
     from lsdc.config import load_config
     from lsdc.demo import DemoConfig, run_demo
 
