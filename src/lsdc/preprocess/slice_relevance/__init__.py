@@ -29,6 +29,7 @@ from lsdc.preprocess.slice_relevance.config import SliceRelevanceConfig
 from lsdc.preprocess.slice_relevance.cv import (
     OOF_SLICE_COLUMNS,
     OOF_SLICES_FILE,
+    CrossValidation,
     LabelledSeries,
     accuracy_table,
     cross_validate,
@@ -52,8 +53,10 @@ from lsdc.preprocess.slice_relevance.features import (
 from lsdc.preprocess.slice_relevance.models import (
     ModelConfig,
     SeriesTypeModels,
+    fit_member,
     fit_series_type,
     fork_safe_workers,
+    soft_vote,
 )
 from lsdc.preprocess.slice_relevance.persist import (
     TRUSTED_SKOPS_TYPES,
@@ -79,10 +82,18 @@ from lsdc.preprocess.slice_relevance.tasks import (
 from lsdc.preprocess.slice_relevance.train import (
     SliceRelevanceReport,
     fit_axial_roi_from_points,
+    format_weights,
     train_slice_relevance,
 )
+from lsdc.preprocess.slice_relevance.vote import VoteSeries, fit_vote_weights, weight_grid
 
 __all__ = [
+    "CrossValidation",
+    "VoteSeries",
+    "fit_vote_weights",
+    "format_weights",
+    "soft_vote",
+    "weight_grid",
     "BASELINE",
     "ENSEMBLE",
     "FEATURE_PIPELINE",
@@ -106,6 +117,7 @@ __all__ = [
     "feature_window",
     "fit_all",
     "fit_axial_roi_from_points",
+    "fit_member",
     "fit_series_type",
     "fork_safe_workers",
     "format_table",

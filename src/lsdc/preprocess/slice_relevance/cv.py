@@ -19,6 +19,7 @@ from lsdc.preprocess.slice_relevance.models import (
     SeriesTypeModels,
     fit_series_type,
     fork_safe_workers,
+    soft_vote,
 )
 from lsdc.preprocess.slice_relevance.tasks import (
     BASELINE,
@@ -28,6 +29,7 @@ from lsdc.preprocess.slice_relevance.tasks import (
     task_of,
     tasks_for,
 )
+from lsdc.preprocess.slice_relevance.vote import VoteSeries, fit_vote_weights, vote_hits
 
 # The ensemble's out-of-fold slice per (study, series, task) of the CV: what a model that never
 # saw the study predicts, so training crops are selected the way test crops are.
@@ -161,25 +163,34 @@ class _FitJob:
     fold: int  # -1 = final fit on every labelled series
     x: np.ndarray
     y: np.ndarray
+    groups: np.ndarray  # (N,) study id of every row
     test: list[np.ndarray] = field(default_factory=list)  # features of held-out series
+    weights: dict[str, float] | None = None  # the final fit's vote (None = equal)
+
+
+def _stack(series: Sequence[LabelledSeries]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, slice classes and study ids of `series`, row-stacked."""
+    x = np.concatenate([ls.features for ls in series])
+    y = np.concatenate([ls.slice_classes() for ls in series])
+    groups = np.concatenate([np.full(len(ls.features), ls.study_id) for ls in series])
+    return x, y, groups
 
 
 def _run_fit_job(
     job: _FitJob, cfg: ModelConfig, seed: int, names: Sequence[str]
-) -> list[tuple[dict[str, dict[str, int]], dict[str, float]]] | SeriesTypeModels:
-    """Fit; for a fold return, per held-out series, (method -> task -> predicted slice, task ->
-    ensemble probability of the ensemble's slice)."""
-    models = fit_series_type(job.series_type, job.x, job.y, cfg, seed, names)
+) -> list[dict[str, np.ndarray]] | SeriesTypeModels:
+    """Fit; for a fold return, per held-out series, every member's probabilities (the
+    ensemble's weights are fitted afterwards, on the out-of-fold probabilities)."""
+    models = fit_series_type(
+        job.series_type, job.x, job.y, cfg, seed, names, groups=job.groups, weights=job.weights
+    )
     if job.fold < 0:
         return models
-    tasks = tasks_for(job.series_type)
     out = []
     for f in job.test:
         proba = models.predict_proba(f)
-        slices = {m: _predicted_slices(p, tasks) for m, p in proba.items()}
-        ens = proba[ENSEMBLE]
-        probs = {t: float(ens[slices[ENSEMBLE][t], k]) for k, t in enumerate(tasks, start=1)}
-        out.append((slices, probs))
+        proba.pop(ENSEMBLE)
+        out.append(proba)
     return out
 
 
@@ -205,6 +216,29 @@ def _run_jobs(
     return results
 
 
+@dataclass
+class CrossValidation:
+    """What `cross_validate` measured.
+
+    rows: one row per (label row, method) of out-of-fold predictions (`_accuracy_rows`).
+    oof_slices: the ensemble's out-of-fold slice of every task of every held-out series
+        (`OOF_SLICE_COLUMNS`), which multitask preprocessing uses for the training studies.
+    weights: per series type, the vote weights fitted on all out-of-fold probabilities (for
+        the final models).
+    fold_weights: per series type, the weights each fold's ensemble was scored with: fitted
+        on the other folds only, so the reported ensemble accuracy is out-of-fold too.
+    """
+
+    rows: pd.DataFrame
+    oof_slices: pd.DataFrame
+    weights: dict[str, dict[str, float]]
+    fold_weights: dict[str, list[dict[str, float]]]
+    # Per series type, the exact accuracy on all out-of-fold probabilities of each member and
+    # of the vote with `weights` (fitted on those same probabilities, so never below the best
+    # member; the honest, cross-fitted figure of the ensemble is in `rows`).
+    fitted_vote_exact: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 def cross_validate(
     series: Sequence[LabelledSeries],
     cfg: SliceRelevanceConfig,
@@ -212,11 +246,11 @@ def cross_validate(
     *,
     workers: int = 1,
     progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Study-wise k-fold CV of every base model and the ensemble. Returns the per-label-row
-    table (`_accuracy_rows`) of out-of-fold predictions, and the ensemble's out-of-fold slice
-    of every task of every held-out series (`OOF_SLICE_COLUMNS`), which multitask
-    preprocessing uses for the training studies. Folds run in `workers` processes."""
+) -> CrossValidation:
+    """Study-wise k-fold CV of every base model and the ensemble, whose vote weights are
+    fitted on out-of-fold probabilities (`vote.fit_vote_weights`, `cfg.vote_steps`,
+    `cfg.vote_margin`). Folds
+    run in `workers` processes."""
     from sklearn.model_selection import GroupKFold
 
     jobs: list[_FitJob] = []
@@ -232,23 +266,44 @@ def cross_validate(
         ids = np.array([ls.study_id for ls in group])
         splitter = GroupKFold(n_splits=folds)
         for k, (train_i, test_i) in enumerate(splitter.split(np.zeros(len(group)), groups=ids)):
-            x = np.concatenate([group[i].features for i in train_i])
-            y = np.concatenate([group[i].slice_classes() for i in train_i])
-            jobs.append(_FitJob(st, k, x, y, [group[i].features for i in test_i]))
+            x, y, g = _stack([group[i] for i in train_i])
+            jobs.append(_FitJob(st, k, x, y, g, [group[i].features for i in test_i]))
             held_out[(st, k)] = test_i
     results = _run_jobs(jobs, cfg, names, workers, "slice relevance CV", progress)
     rows: list[dict[str, Any]] = []
     slice_rows: list[dict[str, Any]] = []
+    weights: dict[str, dict[str, float]] = {}
+    fold_weights: dict[str, list[dict[str, float]]] = {}
+    fitted_vote_exact: dict[str, dict[str, float]] = {}
     for st, group in groups_by_type.items():
-        preds: dict[str, list[dict[str, int]]] = {m: [{}] * len(group) for m in (*names, ENSEMBLE)}
+        tasks = tasks_for(st)
+        oof: list[VoteSeries] = [VoteSeries({}, ls.targets) for ls in group]
+        fold_of = np.zeros(len(group), dtype=np.int64)
         for (t, k), test_i in held_out.items():
-            if t != st:
-                continue
-            for i, (per_method, probs) in zip(test_i, results[(t, k)], strict=True):
-                for m, slices in per_method.items():
-                    preds[m][i] = slices
-                ls = group[i]
-                for task, p in probs.items():
+            if t == st:
+                for i, proba in zip(test_i, results[(t, k)], strict=True):
+                    oof[i] = VoteSeries(proba, group[i].targets)
+                    fold_of[i] = k
+        weights[st] = fit_vote_weights(oof, names, tasks, cfg.vote_steps, cfg.vote_margin)
+        grid = np.vstack([np.eye(len(names)), [[weights[st][n] for n in names]]])
+        label_rows = sum(len(v.targets.get(t, ())) for v in oof for t in tasks)
+        exact = vote_hits(oof, names, tasks, grid)[:, 0] / max(label_rows, 1)
+        members = dict(zip(names, exact[:-1].tolist(), strict=True))
+        fitted_vote_exact[st] = {**members, ENSEMBLE: float(exact[-1])}
+        fold_weights[st] = []
+        preds: dict[str, list[dict[str, int]]] = {m: [{}] * len(group) for m in (*names, ENSEMBLE)}
+        for k in range(int(fold_of.max()) + 1):
+            others = [v for v, f in zip(oof, fold_of, strict=True) if f != k]
+            w = fit_vote_weights(others, names, tasks, cfg.vote_steps, cfg.vote_margin)
+            fold_weights[st].append(w)
+            for i in np.flatnonzero(fold_of == k):
+                ls, proba = group[i], oof[i].proba
+                ens = soft_vote(proba, w)
+                for m, p in proba.items():
+                    preds[m][i] = _predicted_slices(p, tasks)
+                preds[ENSEMBLE][i] = _predicted_slices(ens, tasks)
+                for j, task in enumerate(tasks, start=1):
+                    chosen = preds[ENSEMBLE][i][task]
                     slice_rows.append(
                         {
                             "study_id": ls.study_id,
@@ -256,13 +311,19 @@ def cross_validate(
                             "series_type": st,
                             "task": task,
                             "fold": k,
-                            "slice_index": per_method[ENSEMBLE][task],
+                            "slice_index": chosen,
                             "num_slices": len(ls.features),
-                            "probability": p,
+                            "probability": float(ens[chosen, j]),
                         }
                     )
         rows.extend(_accuracy_rows(group, preds))
-    return pd.DataFrame(rows), pd.DataFrame(slice_rows, columns=list(OOF_SLICE_COLUMNS))
+    return CrossValidation(
+        pd.DataFrame(rows),
+        pd.DataFrame(slice_rows, columns=list(OOF_SLICE_COLUMNS)),
+        weights,
+        fold_weights,
+        fitted_vote_exact,
+    )
 
 
 def fit_all(
@@ -270,16 +331,18 @@ def fit_all(
     cfg: SliceRelevanceConfig,
     names: Sequence[str] = MODEL_NAMES,
     *,
+    weights: Mapping[str, Mapping[str, float]] | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, SeriesTypeModels]:
-    """The final models of every series type that has labelled series, fitted in parallel."""
+    """The final models of every series type that has labelled series, fitted in parallel;
+    `weights` per series type set the ensemble's vote (equal for a type not given)."""
     jobs = []
     for st in SERIES_TYPES:
         group = [ls for ls in series if ls.series_type == st]
         if group:
-            x = np.concatenate([ls.features for ls in group])
-            y = np.concatenate([ls.slice_classes() for ls in group])
-            jobs.append(_FitJob(st, -1, x, y))
+            x, y, g = _stack(group)
+            w = dict(weights[st]) if weights is not None and st in weights else None
+            jobs.append(_FitJob(st, -1, x, y, g, weights=w))
     results = _run_jobs(jobs, cfg, names, workers, "slice relevance fit", progress)
     return {st: results[(st, -1)] for st in SERIES_TYPES if (st, -1) in results}

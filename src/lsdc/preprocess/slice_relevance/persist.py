@@ -25,6 +25,8 @@ TRUSTED_SKOPS_TYPES: tuple[str, ...] = (
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
+    # The SVM's study-grouped calibration splitter (a parameter, holds only n_splits).
+    "sklearn.model_selection._split.GroupKFold",
 )
 
 

@@ -27,7 +27,7 @@ from lsdc.preprocess.slice_relevance.cv import (
 )
 from lsdc.preprocess.slice_relevance.features import compute_features, load_cached_features
 from lsdc.preprocess.slice_relevance.persist import save_models
-from lsdc.preprocess.slice_relevance.tasks import series_slug
+from lsdc.preprocess.slice_relevance.tasks import MODEL_NAMES, series_slug
 
 
 def fit_axial_roi_from_points(points: Sequence[Mapping[str, float]]) -> AxialRoi:
@@ -45,6 +45,15 @@ class SliceRelevanceReport:
     table: pd.DataFrame
     studies: int
     failed: dict[int, str]
+
+
+def format_weights(weights: Mapping[str, Mapping[str, float]]) -> str:
+    """A Markdown table of the vote weights per series type."""
+    names = list(MODEL_NAMES)
+    lines = ["| series type | " + " | ".join(names) + " |", "|---" + "|---:" * len(names) + "|"]
+    for st, w in weights.items():
+        lines.append(f"| {st} | " + " | ".join(f"{w.get(n, 0.0):.2f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def train_slice_relevance(
@@ -96,11 +105,12 @@ def train_slice_relevance(
     if not series:
         raise ValueError(f"{data_dir}: no labelled series could be read")
 
-    rows, oof_slices = cross_validate(series, cfg, workers=workers, progress=progress)
-    table = accuracy_table(rows)
-    atomic_write_text(out / "oof.csv", rows.to_csv(index=False))
-    atomic_write_text(out / OOF_SLICES_FILE, oof_slices.to_csv(index=False))
-    for st, models in fit_all(series, cfg, workers=workers, progress=progress).items():
+    cv = cross_validate(series, cfg, workers=workers, progress=progress)
+    table = accuracy_table(cv.rows)
+    atomic_write_text(out / "oof.csv", cv.rows.to_csv(index=False))
+    atomic_write_text(out / OOF_SLICES_FILE, cv.oof_slices.to_csv(index=False))
+    final = fit_all(series, cfg, weights=cv.weights, workers=workers, progress=progress)
+    for st, models in final.items():
         save_models(models, out / "models" / series_slug(st))
 
     fit_axial_roi_from_points(axial_points).save(out / "axial_roi.json")
@@ -114,12 +124,20 @@ def train_slice_relevance(
             "feature_count": int(series[0].features.shape[1]),
             "failed_studies": {str(k): v for k, v in report.failed.items()},
             "accuracy": table.to_dict(orient="records"),
+            "vote_steps": cfg.vote_steps,
+            "vote_weights": {st: m.weights for st, m in final.items()},
+            "fold_vote_weights": cv.fold_weights,
+            "fitted_vote_exact_on_oof": cv.fitted_vote_exact,
         },
     )
     atomic_write_text(
         out / "report.md",
         f"# Slice relevance: study-wise {cfg.folds}-fold cross-validation\n\n"
-        f"{studies} studies, {len(series)} labelled series; accuracy over label rows.\n\n"
+        f"{studies} studies, {len(series)} labelled series; accuracy over label rows. The "
+        "ensemble of each fold votes with weights fitted on the other folds' out-of-fold "
+        "probabilities; the final models vote with:\n\n"
+        + format_weights({st: m.weights for st, m in final.items()})
+        + "\n"
         + format_table(table),
     )
     return SliceRelevanceReport(out, table, studies, dict(report.failed))
