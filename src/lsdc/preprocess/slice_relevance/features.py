@@ -61,13 +61,72 @@ def feature_window(series_type: str, volume: np.ndarray, cfg: FeatureConfig) -> 
     return sagittal_roi(volume, cfg.sagittal_roi)
 
 
-def _texture_features(img: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """Compact per-slice descriptors of one [0, 1] image: intensity stats, LBP, GLCM."""
-    from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
+    """`skimage.feature.local_binary_pattern(img, points, radius, "uniform")` of every image of
+    a uint8 stack `(S, H, W)` at once, with the same values (int64 codes 0..points + 1).
+
+    scikit-image's loop visits one pixel at a time; here each of the `points` circle samples is
+    one shifted, bilinearly weighted copy of the zero-padded stack, computed with the very
+    same float64 expressions (offsets rounded to 5 decimals, weights `r - floor(r)`, zero
+    outside the image), so every comparison, and so every code, comes out the same.
+    """
+    img = np.asarray(stack, dtype=np.float64)
+    s, h, w = img.shape
+    pad = int(np.ceil(radius)) + 1
+    padded = np.zeros((s, h + 2 * pad, w + 2 * pad))
+    padded[:, pad : pad + h, pad : pad + w] = img
+    angles = 2 * np.pi * np.arange(points) / points
+    rp = np.round(-radius * np.sin(angles), 5)
+    cp = np.round(radius * np.cos(angles), 5)
+    rows = np.arange(h, dtype=np.float64)
+    cols = np.arange(w, dtype=np.float64)
+
+    def shifted(dr: int, dc: int) -> np.ndarray:
+        return padded[:, pad + dr : pad + dr + h, pad + dc : pad + dc + w]
+
+    ones = np.zeros((s, h, w), dtype=np.int64)
+    changes = np.zeros((s, h, w), dtype=np.int64)
+    prev = None
+    for i in range(points):
+        r, c = rows + rp[i], cols + cp[i]
+        r0, c0 = int(np.floor(rp[i])), int(np.floor(cp[i]))
+        r1, c1 = int(np.ceil(rp[i])), int(np.ceil(cp[i]))
+        # Per row / column, as scikit-image computes them: (row + offset) - floor(row + offset).
+        dr = (r - np.floor(r))[:, None]
+        dc = (c - np.floor(c))[None, :]
+        top = (1 - dc) * shifted(r0, c0) + dc * shifted(r0, c1)
+        bottom = (1 - dc) * shifted(r1, c0) + dc * shifted(r1, c1)
+        bit = ((1 - dr) * top + dr * bottom) - img >= 0
+        ones += bit
+        if prev is not None:  # 0/1 transitions along the circle, not wrapping (as skimage)
+            changes += bit != prev
+        prev = bit
+    return np.where(changes <= 2, ones, points + 1)
+
+
+def _lbp_histograms(stack_u8: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, len(lbp_radii) * (lbp_points + 2)) LBP code frequencies of every image."""
+    s = len(stack_u8)
+    bins = cfg.lbp_points + 2
+    out = []
+    for r in cfg.lbp_radii:
+        codes = lbp_uniform(stack_u8, cfg.lbp_points, r).reshape(s, -1)
+        offset = codes + bins * np.arange(s)[:, None]
+        hist = np.bincount(offset.ravel(), minlength=bins * s).reshape(s, bins)
+        out.append(hist / codes.shape[1])
+    return np.concatenate(out, axis=1)
+
+
+def _texture_features(
+    img: np.ndarray, cfg: FeatureConfig, pct: np.ndarray, lbp: np.ndarray
+) -> np.ndarray:
+    """Compact per-slice descriptors of one [0, 1] image: intensity stats, LBP, GLCM; its
+    percentiles `pct` (5, 25, 50, 75, 95) and LBP histograms `lbp` come computed for the stack.
+    """
+    from skimage.feature import graycomatrix, graycoprops
 
     n = img.shape[0]
     c0, c1 = n // 3, n - n // 3
-    pct = np.percentile(img, [5, 25, 50, 75, 95])
     stats = [
         img.mean(),
         img.std(),
@@ -80,12 +139,6 @@ def _texture_features(img: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         np.abs(np.diff(img, axis=0)).mean(),
         np.abs(np.diff(img, axis=1)).mean(),
     ]
-    img_u8 = np.round(img * 255).astype(np.uint8)
-    lbp = []
-    for r in cfg.lbp_radii:
-        codes = local_binary_pattern(img_u8, cfg.lbp_points, r, method="uniform")
-        hist = np.bincount(codes.astype(np.int64).ravel(), minlength=cfg.lbp_points + 2)
-        lbp.extend(hist[: cfg.lbp_points + 2] / codes.size)
     q = np.minimum((img * cfg.glcm_levels).astype(np.uint8), cfg.glcm_levels - 1)
     glcm = graycomatrix(
         q,
@@ -151,7 +204,12 @@ def slice_features(
     window = feature_window(series_type, vol, cfg)
     crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
     crops = np.clip(crops, 0.0, 1.0)
-    compact = np.stack([_texture_features(c, cfg) for c in crops])  # (S, C)
+    # Per-stack where that is cheaper than per slice (same values: tests compare them).
+    pct = np.percentile(crops.reshape(len(crops), -1), [5, 25, 50, 75, 95], axis=1).T  # (S, 5)
+    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
+    compact = np.stack(
+        [_texture_features(c, cfg, p, h) for c, p, h in zip(crops, pct, lbp, strict=True)]
+    )  # (S, C)
     image = np.stack([_image_features(c, cfg) for c in crops])  # (S, I)
     # Series context: how a slice differs from its series and from its neighbours.
     mu, sd = compact.mean(axis=0), compact.std(axis=0) + 1e-6

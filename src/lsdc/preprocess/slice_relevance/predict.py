@@ -20,7 +20,7 @@ from lsdc.preprocess.slice_relevance.cv import OOF_SLICE_COLUMNS, OOF_SLICES_FIL
 from lsdc.preprocess.slice_relevance.features import FeatureConfig, series_features
 from lsdc.preprocess.slice_relevance.models import SeriesTypeModels
 from lsdc.preprocess.slice_relevance.persist import load_models
-from lsdc.preprocess.slice_relevance.tasks import ENSEMBLE, series_slug
+from lsdc.preprocess.slice_relevance.tasks import series_slug
 
 
 @dataclass
@@ -60,7 +60,7 @@ def predict_slices(run_dir: str | Path, study: Any) -> dict[int, dict[str, Slice
         if m is None:
             continue
         f = series_features(s, feats_cfg)
-        proba = m.predict_proba(f.features)[ENSEMBLE]
+        proba = m.ensemble_proba(f.features)  # one call per series, members of weight 0 skipped
         preds = {}
         for k, task in enumerate(m.tasks, start=1):
             i = int(np.argmax(proba[:, k]))
