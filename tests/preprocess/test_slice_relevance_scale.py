@@ -136,11 +136,19 @@ def test_svm_is_a_kernel_approximation_calibrated_on_study_folds(tmp_path):
     np.testing.assert_array_equal(load_skops(path).predict_proba(x), p)
 
 
-def test_svm_needs_two_studies_for_its_calibration():
+def test_svm_calibration_folds_fit_small_training_sets():
     rng = np.random.default_rng(0)
     x, y, groups = _toy_training(rng, studies=3)
     with pytest.raises(ValueError, match="at least 2 studies"):
         fit_member("svm", ModelConfig(), 0, x, y, np.zeros_like(groups))
+    # Task 2 labelled in only two series: two calibration folds, not three.
+    y[y == 2] = 0
+    y[[5, 25]] = 2
+    model = fit_member("svm", ModelConfig(svm_components=20), 0, x, y, groups)
+    assert model.named_steps["svc"].cv.get_n_splits() == 2
+    y[25] = 0
+    with pytest.raises(ValueError, match="2 labelled series per task"):
+        fit_member("svm", ModelConfig(), 0, x, y, groups)
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

@@ -153,7 +153,15 @@ def fit_member(
                 f"svm: calibration needs at least 2 studies, got {studies} (more studies with "
                 "coordinates, or fewer folds)"
             )
-        folds = min(cfg.svm_calibration_folds, studies)
+        # scikit-learn asks every class for as many samples as calibration folds (matters only
+        # on tiny training sets, where a task is labelled in a few series).
+        fewest = int(np.bincount(y).min())
+        if fewest < 2:
+            raise ValueError(
+                f"svm: a slice class has {fewest} training sample(s); need at least 2 labelled "
+                "series per task (more studies with coordinates, or fewer folds)"
+            )
+        folds = min(cfg.svm_calibration_folds, studies, fewest)
         model.set_params(svc__cv=GroupKFold(n_splits=folds))
         # Routing hands `groups` to the GroupKFold of the calibration (and nowhere else).
         with sklearn.config_context(enable_metadata_routing=True):
