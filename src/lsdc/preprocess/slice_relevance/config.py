@@ -17,9 +17,6 @@ class SliceRelevanceConfig:
     folds: int = 5
     seed: int = 0
     max_studies: int = 0  # 0 = every study with coordinates; else the first N (sorted ids)
-    # Vote weights fitted on out-of-fold probabilities, on a grid of steps 1 / vote_steps over
-    # the simplex (`vote.fit_vote_weights`); 0 = the equal-weight vote.
+    # Vote weights fitted on out-of-fold probabilities (likelihood of the labelled slices), on a
+    # grid of steps 1 / vote_steps over the simplex (`vote.fit_vote_weights`); 0 = equal weights.
     vote_steps: int = 10
-    # A blend must find this share of label rows more than the best member alone, else the
-    # vote is that member (`vote.fit_vote_weights`).
-    vote_margin: float = 0.02

@@ -234,8 +234,8 @@ class CrossValidation:
     weights: dict[str, dict[str, float]]
     fold_weights: dict[str, list[dict[str, float]]]
     # Per series type, the exact accuracy on all out-of-fold probabilities of each member and
-    # of the vote with `weights` (fitted on those same probabilities, so never below the best
-    # member; the honest, cross-fitted figure of the ensemble is in `rows`).
+    # of the vote with `weights` (fitted on those same probabilities; the honest, cross-fitted
+    # figure of the ensemble is in `rows`).
     fitted_vote_exact: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -248,8 +248,7 @@ def cross_validate(
     progress: bool = True,
 ) -> CrossValidation:
     """Study-wise k-fold CV of every base model and the ensemble, whose vote weights are
-    fitted on out-of-fold probabilities (`vote.fit_vote_weights`, `cfg.vote_steps`,
-    `cfg.vote_margin`). Folds
+    fitted on out-of-fold probabilities (`vote.fit_vote_weights`, `cfg.vote_steps`). Folds
     run in `workers` processes."""
     from sklearn.model_selection import GroupKFold
 
@@ -284,7 +283,7 @@ def cross_validate(
                 for i, proba in zip(test_i, results[(t, k)], strict=True):
                     oof[i] = VoteSeries(proba, group[i].targets)
                     fold_of[i] = k
-        weights[st] = fit_vote_weights(oof, names, tasks, cfg.vote_steps, cfg.vote_margin)
+        weights[st] = fit_vote_weights(oof, names, tasks, cfg.vote_steps)
         grid = np.vstack([np.eye(len(names)), [[weights[st][n] for n in names]]])
         label_rows = sum(len(v.targets.get(t, ())) for v in oof for t in tasks)
         exact = vote_hits(oof, names, tasks, grid)[:, 0] / max(label_rows, 1)
@@ -294,7 +293,7 @@ def cross_validate(
         preds: dict[str, list[dict[str, int]]] = {m: [{}] * len(group) for m in (*names, ENSEMBLE)}
         for k in range(int(fold_of.max()) + 1):
             others = [v for v, f in zip(oof, fold_of, strict=True) if f != k]
-            w = fit_vote_weights(others, names, tasks, cfg.vote_steps, cfg.vote_margin)
+            w = fit_vote_weights(others, names, tasks, cfg.vote_steps)
             fold_weights[st].append(w)
             for i in np.flatnonzero(fold_of == k):
                 ls, proba = group[i], oof[i].proba
