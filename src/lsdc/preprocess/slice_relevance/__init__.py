@@ -12,9 +12,17 @@ with the highest relevance.
   box on axial ones (the fitted axial ROI is an *output* of training, so it cannot be an input).
 - One multi-class model per series type: class 0 = "not a labelled slice", class k = task k. The
   slice predicted for task k is the argmax over the series' slices of P(class k).
-- Base models RandomForest, SVM (probabilities), MLP, XGBoost; the ensemble is their soft vote.
+- Base models RandomForest, SVM (Nystroem kernel approximation + linear SVM, Platt-scaled on
+  study-grouped folds), MLP, XGBoost, each fitted in time at most linear in the slices
+  (`models.ModelConfig`); the ensemble is their weighted soft vote, the weights fitted on
+  out-of-fold probabilities (`vote`).
 - Study-wise cross-validation gives exact and +-1-slice accuracy per series type for each base
-  model, the ensemble and the middle-slice baseline.
+  model, the ensemble (voting with weights fitted on the other folds) and the middle-slice
+  baseline.
+
+Files: `tasks` (names), `features`, `models` (members and vote), `vote` (fitted weights),
+`persist` (model files), `cv` (labelled series, cross-validation, final fits), `train` (the
+run), `predict` (inference from a run folder).
 
 Persistence and trust boundary: scikit-learn models are saved with skops and loaded with an
 explicit list of trusted types (skops' default-trusted scikit-learn/numpy types plus
