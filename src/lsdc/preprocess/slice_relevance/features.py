@@ -1,0 +1,373 @@
+"""Per-slice features of a series and their per-study cache."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsdc.config import config_to_dict
+from lsdc.constants import AXIAL_T2, SERIES_TYPES
+from lsdc.preprocess.crops import (
+    AxialRoi,
+    SagittalRoiConfig,
+    Window,
+    crop_and_resize,
+    sagittal_roi,
+)
+
+FEATURE_PIPELINE = "slice-relevance-features"
+
+
+@dataclass
+class FeatureConfig:
+    """Per-slice feature extraction (changing it invalidates the feature cache)."""
+
+    image_size: int = 64  # ROI resized to this square before features
+    hog_orientations: int = 9
+    hog_pixels_per_cell: int = 16
+    hog_cells_per_block: int = 2
+    lbp_points: int = 8
+    lbp_radii: list[int] = field(default_factory=lambda: [1, 2])
+    glcm_levels: int = 16
+    glcm_distances: list[int] = field(default_factory=lambda: [1, 3])
+    thumbnail: int = 8  # coarse thumbnail side (mean-pooled), 0 = none
+    axial_box: float = 0.6  # axial features: centred box, fraction of the image side
+    sagittal_roi: SagittalRoiConfig = field(default_factory=SagittalRoiConfig)
+
+
+_GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
+
+
+def normalise_volume(volume: np.ndarray) -> np.ndarray:
+    """Series-wise intensity normalisation to [0, 1] (1st..99.5th percentile), float32."""
+    vol = np.asarray(volume, dtype=np.float32)
+    lo, hi = np.percentile(vol, [1.0, 99.5])
+    if not hi > lo:
+        return np.zeros_like(vol)
+    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0)
+
+
+def feature_window(series_type: str, volume: np.ndarray, cfg: FeatureConfig) -> Window:
+    """The window features are computed on (see module docstring)."""
+    _, h, w = volume.shape
+    if series_type == AXIAL_T2:
+        half = cfg.axial_box / 2
+        return AxialRoi(0.5, 0.5, half, half).window((h, w), square=False)
+    return sagittal_roi(volume, cfg.sagittal_roi)
+
+
+def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
+    """`skimage.feature.local_binary_pattern(img, points, radius, "uniform")` of every image of
+    a uint8 stack `(S, H, W)` at once, with the same values (int64 codes 0..points + 1).
+
+    scikit-image's loop visits one pixel at a time; here each of the `points` circle samples is
+    one shifted, bilinearly weighted copy of the zero-padded stack, computed with the very
+    same float64 expressions (offsets rounded to 5 decimals, weights `r - floor(r)`, zero
+    outside the image), so every comparison, and so every code, comes out the same.
+    """
+    img = np.asarray(stack, dtype=np.float64)
+    s, h, w = img.shape
+    pad = int(np.ceil(radius)) + 1
+    padded = np.zeros((s, h + 2 * pad, w + 2 * pad))
+    padded[:, pad : pad + h, pad : pad + w] = img
+    angles = 2 * np.pi * np.arange(points) / points
+    rp = np.round(-radius * np.sin(angles), 5)
+    cp = np.round(radius * np.cos(angles), 5)
+    rows = np.arange(h, dtype=np.float64)
+    cols = np.arange(w, dtype=np.float64)
+
+    def shifted(dr: int, dc: int) -> np.ndarray:
+        return padded[:, pad + dr : pad + dr + h, pad + dc : pad + dc + w]
+
+    ones = np.zeros((s, h, w), dtype=np.int64)
+    changes = np.zeros((s, h, w), dtype=np.int64)
+    prev = None
+    for i in range(points):
+        r, c = rows + rp[i], cols + cp[i]
+        r0, c0 = int(np.floor(rp[i])), int(np.floor(cp[i]))
+        r1, c1 = int(np.ceil(rp[i])), int(np.ceil(cp[i]))
+        # Per row / column, as scikit-image computes them: (row + offset) - floor(row + offset).
+        dr = (r - np.floor(r))[:, None]
+        dc = (c - np.floor(c))[None, :]
+        top = (1 - dc) * shifted(r0, c0) + dc * shifted(r0, c1)
+        bottom = (1 - dc) * shifted(r1, c0) + dc * shifted(r1, c1)
+        bit = ((1 - dr) * top + dr * bottom) - img >= 0
+        ones += bit
+        if prev is not None:  # 0/1 transitions along the circle, not wrapping (as skimage)
+            changes += bit != prev
+        prev = bit
+    return np.where(changes <= 2, ones, points + 1)
+
+
+def _lbp_histograms(stack_u8: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, len(lbp_radii) * (lbp_points + 2)) LBP code frequencies of every image."""
+    s = len(stack_u8)
+    bins = cfg.lbp_points + 2
+    out = []
+    for r in cfg.lbp_radii:
+        codes = lbp_uniform(stack_u8, cfg.lbp_points, r).reshape(s, -1)
+        offset = codes + bins * np.arange(s)[:, None]
+        hist = np.bincount(offset.ravel(), minlength=bins * s).reshape(s, bins)
+        out.append(hist / codes.shape[1])
+    return np.concatenate(out, axis=1)
+
+
+def _glcm_properties(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, len(_GLCM_PROPS) * len(glcm_distances)) GLCM properties of every [0, 1] image,
+    averaged over four angles.
+
+    One co-occurrence matrix per image, but each property computed once for the whole stack:
+    the matrices sit side by side on the angle axis, which `graycoprops` treats independently,
+    so the values are those of one call per image (tests compare them) at a sixth of the cost.
+    """
+    from skimage.feature import graycomatrix, graycoprops
+
+    s = len(crops)
+    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    q = np.minimum((crops * cfg.glcm_levels).astype(np.uint8), cfg.glcm_levels - 1)
+    glcms = [
+        graycomatrix(
+            img,
+            distances=list(cfg.glcm_distances),
+            angles=angles,
+            levels=cfg.glcm_levels,
+            symmetric=True,
+            normed=True,
+        )
+        for img in q
+    ]  # each (L, L, D, A)
+    stacked = np.concatenate(glcms, axis=3)  # (L, L, D, S * A), image-major
+    d = len(cfg.glcm_distances)
+    props = [
+        graycoprops(stacked, p).reshape(d, s, len(angles)).mean(axis=2).T  # (S, D)
+        for p in _GLCM_PROPS
+    ]
+    return np.concatenate(props, axis=1)
+
+
+def _texture_features(
+    img: np.ndarray, cfg: FeatureConfig, pct: np.ndarray, lbp: np.ndarray, glcm: np.ndarray
+) -> np.ndarray:
+    """Compact per-slice descriptors of one [0, 1] image: intensity stats, LBP, GLCM; its
+    percentiles `pct` (5, 25, 50, 75, 95), LBP histograms `lbp` and GLCM properties `glcm`
+    come computed for the stack.
+    """
+    n = img.shape[0]
+    c0, c1 = n // 3, n - n // 3
+    stats = [
+        img.mean(),
+        img.std(),
+        *pct,
+        (img > 0.6).mean(),
+        img[c0:c1, c0:c1].mean(),
+        img[c0:c1, c0:c1].std(),
+        img[: n // 2].mean() - img[n // 2 :].mean(),
+        img[:, : n // 2].mean() - img[:, n // 2 :].mean(),
+        np.abs(np.diff(img, axis=0)).mean(),
+        np.abs(np.diff(img, axis=1)).mean(),
+    ]
+    out = np.concatenate([np.asarray(stats), np.asarray(lbp), np.asarray(glcm)])
+    # Correlation is undefined on a constant image; 0 keeps features finite and deterministic.
+    return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _image_features(img: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """HOG plus a mean-pooled thumbnail of one [0, 1] image."""
+    from skimage.feature import hog
+
+    parts = [
+        hog(
+            img,
+            orientations=cfg.hog_orientations,
+            pixels_per_cell=(cfg.hog_pixels_per_cell,) * 2,
+            cells_per_block=(cfg.hog_cells_per_block,) * 2,
+            feature_vector=True,
+        )
+    ]
+    if cfg.thumbnail:
+        k = img.shape[0] // cfg.thumbnail
+        t = img[: k * cfg.thumbnail, : k * cfg.thumbnail]
+        parts.append(t.reshape(cfg.thumbnail, k, cfg.thumbnail, k).mean(axis=(1, 3)).ravel())
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _position_features(positions: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """(S, 3): offset (mm) from the stack centre along the patient axis nearest the slice normal
+    (LPS sign, so +x is the patient's left whatever the slice order), that offset over the
+    stack's half extent, and the slice's rank along that axis in [0, 1]."""
+    from lsdc.geometry import slice_normal
+
+    axis = int(np.argmax(np.abs(slice_normal(orientation))))
+    coord = np.asarray(positions, dtype=np.float64)[:, axis]
+    offset = coord - 0.5 * (coord.min() + coord.max())
+    half = max(0.5 * (coord.max() - coord.min()), 1e-6)
+    s = len(coord)
+    rank = np.argsort(np.argsort(coord, kind="stable"), kind="stable") / max(s - 1, 1)
+    return np.stack([offset, offset / half, rank], axis=1)
+
+
+def slice_features(
+    volume: np.ndarray,
+    positions: np.ndarray,
+    orientation: np.ndarray,
+    series_type: str,
+    cfg: FeatureConfig,
+) -> np.ndarray:
+    """Per-slice features `(S, F)` float32 of one series volume `(S, H, W)` (position-sorted).
+
+    Deterministic: the same volume and config give the same bytes.
+    """
+    vol = normalise_volume(volume)
+    window = feature_window(series_type, vol, cfg)
+    crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
+    crops = np.clip(crops, 0.0, 1.0)
+    # Per-stack where that is cheaper than per slice (same values: tests compare them).
+    pct = np.percentile(crops.reshape(len(crops), -1), [5, 25, 50, 75, 95], axis=1).T  # (S, 5)
+    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
+    glcm = _glcm_properties(crops, cfg)  # (S, G)
+    compact = np.stack(
+        [
+            _texture_features(c, cfg, p, h, g)
+            for c, p, h, g in zip(crops, pct, lbp, glcm, strict=True)
+        ]
+    )  # (S, C)
+    image = np.stack([_image_features(c, cfg) for c in crops])  # (S, I)
+    # Series context: how a slice differs from its series and from its neighbours.
+    mu, sd = compact.mean(axis=0), compact.std(axis=0) + 1e-6
+    zscore = (compact - mu) / sd
+    prev = np.vstack([compact[:1], compact[:-1]])
+    nxt = np.vstack([compact[1:], compact[-1:]])
+    pos = _position_features(positions, orientation)
+    feats = np.concatenate([image, compact, zscore, compact - prev, compact - nxt, pos], axis=1)
+    return feats.astype(np.float32)
+
+
+def feature_names(cfg: FeatureConfig) -> list[str]:
+    """Names of the `slice_features` columns, in order."""
+    cells = cfg.image_size // cfg.hog_pixels_per_cell
+    blocks = max(cells - cfg.hog_cells_per_block + 1, 0)
+    n_hog = blocks * blocks * cfg.hog_cells_per_block**2 * cfg.hog_orientations
+    image = [f"hog_{i}" for i in range(n_hog)]
+    image += [f"thumb_{i}" for i in range(cfg.thumbnail**2)] if cfg.thumbnail else []
+    stats = ["mean", "std", "p5", "p25", "p50", "p75", "p95", "bright", "centre_mean"]
+    stats += ["centre_std", "top_minus_bottom", "left_minus_right", "grad_y", "grad_x"]
+    lbp = [f"lbp_r{r}_{b}" for r in cfg.lbp_radii for b in range(cfg.lbp_points + 2)]
+    glcm = [f"glcm_{p}_d{d}" for p in _GLCM_PROPS for d in cfg.glcm_distances]
+    compact = stats + lbp + glcm
+    ctx = [f"z_{n}" for n in compact] + [f"dprev_{n}" for n in compact]
+    ctx += [f"dnext_{n}" for n in compact]
+    return image + compact + ctx + ["offset_mm", "offset_rel", "rank"]
+
+
+@dataclass
+class SeriesFeatures:
+    """Features of one series, in sorted-slice order."""
+
+    series_id: int
+    series_type: str
+    features: np.ndarray  # (S, F) float32
+    instance_numbers: np.ndarray  # (S,) int64
+    native_shapes: np.ndarray  # (S, 2) rows, cols of each slice's own file image
+
+
+def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
+    """`SeriesFeatures` of one `lsdc.io.dicom.Series` (its `series_type` must be set)."""
+    if series.series_type not in SERIES_TYPES:
+        raise ValueError(
+            f"series {series.study_id}/{series.series_id}: unknown series type "
+            f"{series.series_type!r}"
+        )
+    shapes = series.native_shapes
+    if shapes is None:
+        shapes = np.tile(np.asarray(series.volume.shape[1:]), (series.num_slices, 1))
+    return SeriesFeatures(
+        series_id=int(series.series_id),
+        series_type=series.series_type,
+        features=slice_features(
+            series.volume, series.positions, series.orientation, series.series_type, cfg
+        ),
+        instance_numbers=np.asarray(series.instance_numbers, dtype=np.int64),
+        native_shapes=np.asarray(shapes, dtype=np.int64),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def dataset_descriptions(data_dir: str | Path, split: str) -> dict[int, dict[int, str]]:
+    """`{study_id: {series_id: series type}}` of `<split>_series_descriptions.csv` (empty when
+    the file is absent). Cached per process, so pool workers read the table once, not per study.
+    """
+    from lsdc.io.tables import read_series_descriptions
+
+    path = Path(data_dir) / f"{split}_series_descriptions.csv"
+    if not path.exists():
+        return {}
+    df = read_series_descriptions(path)
+    out: dict[int, dict[int, str]] = {}
+    for st, se, d in df[["study_id", "series_id", "series_description"]].itertuples(index=False):
+        out.setdefault(int(st), {})[int(se)] = str(d)
+    return out
+
+
+def _build_study_features(
+    study_id: int,
+    *,
+    data_dir: Path,
+    split: str,
+    cfg: FeatureConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Cache builder: every typed series of one study -> arrays keyed `<series_id>__<field>`."""
+    from lsdc.io.study import load_study
+
+    descriptions = dataset_descriptions(str(data_dir), split).get(study_id)
+    study = load_study(data_dir, study_id, split=split, descriptions=descriptions)
+    arrays: dict[str, np.ndarray] = {}
+    series_meta = []
+    for s in study.series:
+        if s.series_type not in SERIES_TYPES:
+            continue
+        f = series_features(s, cfg)
+        arrays[f"{f.series_id}__features"] = f.features
+        arrays[f"{f.series_id}__instance_numbers"] = f.instance_numbers
+        arrays[f"{f.series_id}__native_shapes"] = f.native_shapes
+        series_meta.append({"series_id": f.series_id, "series_type": f.series_type})
+    return arrays, {"study_id": int(study_id), "series": series_meta, "errors": study.errors}
+
+
+def load_cached_features(cache: Any, study_id: int) -> list[SeriesFeatures]:
+    """The `SeriesFeatures` a feature cache holds for one study."""
+    arrays, meta = cache.load(study_id)
+    return [
+        SeriesFeatures(
+            series_id=int(m["series_id"]),
+            series_type=str(m["series_type"]),
+            features=arrays[f"{m['series_id']}__features"],
+            instance_numbers=arrays[f"{m['series_id']}__instance_numbers"],
+            native_shapes=arrays[f"{m['series_id']}__native_shapes"],
+        )
+        for m in meta["series"]
+    ]
+
+
+def compute_features(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    study_ids: Iterable[int],
+    cfg: FeatureConfig,
+    *,
+    split: str = "train",
+    workers: int = 1,
+    progress: bool = True,
+) -> Any:
+    """Compute (or reuse) the per-slice features of `study_ids` into a `StudyCache` at
+    `cache_dir`, in parallel; returns the cache's `CacheRunReport`."""
+    from lsdc.preprocess.cache import StudyCache
+
+    data_dir = Path(data_dir)
+    cache = StudyCache(cache_dir, FEATURE_PIPELINE, {"split": split, **config_to_dict(cfg)})
+    build = functools.partial(_build_study_features, data_dir=data_dir, split=split, cfg=cfg)
+    return cache.run(study_ids, build, workers=workers, desc="slice features", progress=progress)

@@ -1,0 +1,98 @@
+"""Model files of one series type: skops for scikit-learn, XGBoost JSON, and an index.
+
+Persistence and trust boundary: scikit-learn models are saved with skops and loaded with an
+explicit list of trusted types (skops' default-trusted scikit-learn/numpy types plus
+`TRUSTED_SKOPS_TYPES`); a file asking for any other type is refused before anything is
+constructed. XGBoost models are saved as XGBoost JSON. Nothing in a run folder is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsdc.fileio import atomic_write_json
+from lsdc.preprocess.slice_relevance.models import SeriesTypeModels, _xgboost_runs_here
+
+# Types beyond skops' default-trusted set (scikit-learn estimators, numpy and builtins) that the
+# model files of this package contain. A file asking for any other type is refused at load time.
+TRUSTED_SKOPS_TYPES: tuple[str, ...] = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    # The SVM's study-grouped calibration splitter (a parameter, holds only n_splits).
+    "sklearn.model_selection._split.GroupKFold",
+)
+
+
+def save_models(m: SeriesTypeModels, folder: str | Path) -> Path:
+    """Write one series type's models: skops for scikit-learn, JSON for XGBoost, plus index."""
+    import skops.io as sio
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, model in m.models.items():
+        if name == "xgboost":
+            # The extension picks XGBoost's format: keep ".json" on the temporary file too.
+            tmp = folder / f".{name}.tmp.json"
+            model.save_model(tmp)
+            tmp.replace(folder / f"{name}.json")
+            files[name] = f"{name}.json"
+        else:
+            from lsdc.fileio import atomic_write_bytes
+
+            atomic_write_bytes(folder / f"{name}.skops", sio.dumps(model))
+            files[name] = f"{name}.skops"
+    atomic_write_json(
+        folder / "models.json",
+        {
+            "series_type": m.series_type,
+            "tasks": list(m.tasks),
+            "classes": m.classes.tolist(),
+            "files": files,
+            "weights": m.weights,
+        },
+    )
+    return folder
+
+
+def load_skops(path: str | Path) -> Any:
+    """Load a skops file whose types are all in `TRUSTED_SKOPS_TYPES`; refuse anything else."""
+    import skops.io as sio
+
+    data = Path(path).read_bytes()
+    untrusted = sio.get_untrusted_types(data=data)
+    unknown = sorted(set(untrusted) - set(TRUSTED_SKOPS_TYPES))
+    if unknown:
+        raise ValueError(f"{path}: refuses to load untrusted types {unknown}")
+    return sio.loads(data, trusted=[t for t in untrusted if t in TRUSTED_SKOPS_TYPES])
+
+
+def load_models(folder: str | Path) -> SeriesTypeModels:
+    """Inverse of `save_models`."""
+    folder = Path(folder)
+    index = json.loads((folder / "models.json").read_text())
+    models = {}
+    for name, file in index["files"].items():
+        if name == "xgboost":
+            from xgboost import XGBClassifier
+
+            _xgboost_runs_here()
+            model = XGBClassifier()
+            model.load_model(folder / file)
+        else:
+            model = load_skops(folder / file)
+        models[name] = model
+    return SeriesTypeModels(
+        series_type=index["series_type"],
+        tasks=tuple(index["tasks"]),
+        classes=np.asarray(index["classes"], dtype=np.int64),
+        models=models,
+        weights={k: float(v) for k, v in index["weights"].items()},
+    )

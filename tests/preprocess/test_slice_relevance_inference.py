@@ -1,0 +1,123 @@
+"""Slice-relevance inference at scale (issue 10): features computed per stack and members
+predicted per series select the same slices, with the same bits, as the per-slice reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lsdc.constants import SAGITTAL_T1
+from lsdc.preprocess.slice_relevance import (
+    ENSEMBLE,
+    FeatureConfig,
+    dataset_descriptions,
+    load_models,
+    predict_slices,
+    series_features,
+    series_slug,
+    slice_features,
+    soft_vote,
+    train_slice_relevance,
+)
+from lsdc.preprocess.slice_relevance.features import lbp_uniform
+
+FAST = ["folds=2", "models.rf_trees=40", "models.xgb_trees=30", "models.mlp_max_iter=200"]
+SAG_ORIENT = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_stacked_lbp_equals_scikit_image():
+    from skimage.feature import local_binary_pattern
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(3, 24, 20)).astype(np.uint8)
+    stacks = [noise, (noise // 64 * 64).astype(np.uint8), np.full((2, 9, 9), 7, np.uint8)]
+    for stack in stacks:
+        for radius in (1, 2, 3):
+            ref = np.stack([local_binary_pattern(im, 8, radius, method="uniform") for im in stack])
+            np.testing.assert_array_equal(lbp_uniform(stack, 8, radius), ref)
+
+
+def _reference_texture(img, cfg):
+    """The per-slice texture features as computed before issue 10 (scikit-image's LBP, one
+    percentile call per slice)."""
+    from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+
+    from lsdc.preprocess.slice_relevance.features import _GLCM_PROPS
+
+    n = img.shape[0]
+    c0, c1 = n // 3, n - n // 3
+    pct = np.percentile(img, [5, 25, 50, 75, 95])
+    stats = [img.mean(), img.std(), *pct, (img > 0.6).mean(), img[c0:c1, c0:c1].mean()]
+    stats += [img[c0:c1, c0:c1].std(), img[: n // 2].mean() - img[n // 2 :].mean()]
+    stats += [img[:, : n // 2].mean() - img[:, n // 2 :].mean()]
+    stats += [np.abs(np.diff(img, axis=0)).mean(), np.abs(np.diff(img, axis=1)).mean()]
+    img_u8 = np.round(img * 255).astype(np.uint8)
+    lbp = []
+    for r in cfg.lbp_radii:
+        codes = local_binary_pattern(img_u8, cfg.lbp_points, r, method="uniform")
+        hist = np.bincount(codes.astype(np.int64).ravel(), minlength=cfg.lbp_points + 2)
+        lbp.extend(hist[: cfg.lbp_points + 2] / codes.size)
+    q = np.minimum((img * cfg.glcm_levels).astype(np.uint8), cfg.glcm_levels - 1)
+    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    glcm = graycomatrix(q, list(cfg.glcm_distances), angles, cfg.glcm_levels, True, True)
+    props = [graycoprops(glcm, p).mean(axis=1) for p in _GLCM_PROPS]
+    out = np.concatenate([np.asarray(stats), np.asarray(lbp), np.concatenate(props)])
+    return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_stack_features_have_the_bits_of_the_per_slice_reference(toy_sagittal):
+    from lsdc.preprocess.crops import crop_and_resize
+    from lsdc.preprocess.slice_relevance.features import feature_window, normalise_volume
+
+    vol, _ = toy_sagittal(size=64, slices=6)
+    pos = np.c_[np.arange(6) * 3.0, np.zeros(6), np.zeros(6)]
+    cfg = FeatureConfig()
+    feats = slice_features(vol, pos, SAG_ORIENT, SAGITTAL_T1, cfg)
+    norm = normalise_volume(vol)
+    crops = np.clip(crop_and_resize(norm, feature_window(SAGITTAL_T1, norm, cfg), 64), 0, 1)
+    ref = np.stack([_reference_texture(c, cfg) for c in crops]).astype(np.float32)
+    image_width = feats.shape[1] - 4 * ref.shape[1] - 3  # image | compact | 3 contexts | pos
+    assert feats[:, image_width : image_width + ref.shape[1]].tobytes() == ref.tobytes()
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+    root, _ = tiny_dataset
+    out = tmp_path_factory.mktemp("relevance_scale_run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train_slice_relevance(root, out, overrides=FAST, progress=False)
+    return root, out
+
+
+def test_predicted_slices_match_the_per_member_reference(run):
+    """Inference (stacked features, forest without joblib, weight-0 members skipped) picks the
+    same slices, with the same scores, as every member's own `predict_proba` and the vote."""
+    from lsdc.io.study import load_study
+
+    root, out = run
+    for study_id in (1000, 1005):
+        study = load_study(
+            root, study_id, descriptions=dataset_descriptions(str(root), "train")[study_id]
+        )
+        pred = predict_slices(out, study)
+        assert set(pred) == {s.series_id for s in study.series}
+        for s in study.series:
+            m = load_models(out / "models" / series_slug(s.series_type))
+            f = series_features(s, FeatureConfig()).features
+            k = 1 + len(m.tasks)
+            members = {}
+            for n, model in m.models.items():
+                p = np.zeros((len(f), k))
+                p[:, m.classes] = model.predict_proba(f)
+                members[n] = p
+            ref = soft_vote(members, m.weights)
+            assert ref.tobytes() == m.predict_proba(f)[ENSEMBLE].tobytes()
+            for j, task in enumerate(m.tasks, start=1):
+                assert pred[s.series_id][task].slice_index == int(np.argmax(ref[:, j]))
+                assert pred[s.series_id][task].scores.tobytes() == ref[:, j].tobytes()
