@@ -6,14 +6,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from lsdc.config import config_to_dict, save_config
+from lsdc.constants import SEVERITY_WEIGHTS
 from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
 from lsdc.preprocess.cache import StudyCache
 from lsdc.training.engine import (
     CVResult,
     EngineConfig,
     TrainTask,
+    class_prior,
     resolve_run_config,
     run_cross_validation,
 )
@@ -35,13 +40,32 @@ class SequenceModelConfig:
     dropout: float = 0.1
     level_tokens: bool = True
     drop_path_rate: float = 0.0
+    grid: int = 1
+    target_bias: bool = False
 
 
 @dataclass
 class SequenceTrainConfig:
     model: SequenceModelConfig = field(default_factory=SequenceModelConfig)
+    # With model.target_bias: start each fold's output at the metric-weighted class prior of its
+    # training studies.
+    prior_init: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def weighted_log_prior(labels: np.ndarray) -> np.ndarray:
+    """(n, 25) label codes -> (25, 3) log of the class prior times the metric's severity
+    weights: the constant that minimises the weighted log loss (the metric), which the plain
+    class frequencies do not."""
+    prior = class_prior(labels) * np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
+    return np.log(prior / prior.sum(axis=1, keepdims=True))
+
+
+def _init_prior(model: Any, labels: np.ndarray) -> None:
+    import torch
+
+    model.init_target_bias(torch.as_tensor(weighted_log_prior(labels), dtype=torch.float32))
 
 
 def _make_dataset(
@@ -73,6 +97,7 @@ def sequence_task(cache_dir: str | Path, cfg: SequenceTrainConfig) -> TrainTask:
         labels=labels[labelled],
         make_dataset=partial(_make_dataset, root, cfg.augment, cfg.engine.seed),
         collate=collate_sequence,
+        init_model=_init_prior if cfg.prior_init and cfg.model.target_bias else None,
         extra={"cache_dir": root, "cache_config": cache.config},
     )
 
