@@ -18,7 +18,7 @@ def test_scores(data: Path, study_ids: np.ndarray, probs: np.ndarray) -> dict | 
     None when the dataset has no truth folder."""
     from lsdc.io.tables import read_train_labels
     from lsdc.metrics import labels_array, score_arrays
-    from lsdc.training.engine import class_prior
+    from lsdc.training.engine import class_prior, weighted_class_prior
 
     truth = data / "truth" / "test_labels.csv"
     if not truth.exists():
@@ -33,6 +33,9 @@ def test_scores(data: Path, study_ids: np.ndarray, probs: np.ndarray) -> dict | 
     model, base = score_arrays(labels, p), score_arrays(labels, prior)
     out = {"studies": len(keep), "model": model, "class_prior": base}
     out["ratio_model_to_prior"] = ratio(model, base)
+    # The metric-optimal constant: a model that ignores its images ends here, below the prior.
+    weighted = np.broadcast_to(weighted_class_prior(train_labels), p.shape)
+    out["weighted_class_prior"] = score_arrays(labels, weighted)
     oracle = oracle_probs(data, [int(tids[i]) for i in keep])
     if oracle is not None:
         out["oracle"] = score_arrays(labels, oracle)

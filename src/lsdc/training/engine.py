@@ -261,6 +261,17 @@ def class_prior(labels: np.ndarray) -> np.ndarray:
     return prior / prior.sum(axis=1, keepdims=True)
 
 
+def weighted_class_prior(labels: np.ndarray) -> np.ndarray:
+    """`class_prior` times the metric's severity weights, renormalised (25, 3): the constant
+    prediction that minimises the weighted log loss (the metric), which the plain frequencies do
+    not. A model that has learnt nothing from its images converges to this, not to
+    `class_prior`, so it is the bar that shows whether images were used."""
+    from lsdc.constants import SEVERITY_WEIGHTS
+
+    prior = class_prior(labels) * np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
+    return prior / prior.sum(axis=1, keepdims=True)
+
+
 def resolve_precision(cfg: EngineConfig) -> tuple[str, str]:
     """(accelerator, precision) from 'auto' settings and the hardware present."""
     accel = cfg.accelerator

@@ -11,16 +11,15 @@ from typing import Any
 import numpy as np
 
 from lsdc.config import config_to_dict, save_config
-from lsdc.constants import SEVERITY_WEIGHTS
 from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
 from lsdc.preprocess.cache import StudyCache
 from lsdc.training.engine import (
     CVResult,
     EngineConfig,
     TrainTask,
-    class_prior,
     resolve_run_config,
     run_cross_validation,
+    weighted_class_prior,
 )
 
 
@@ -54,18 +53,11 @@ class SequenceTrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-def weighted_log_prior(labels: np.ndarray) -> np.ndarray:
-    """(n, 25) label codes -> (25, 3) log of the class prior times the metric's severity
-    weights: the constant that minimises the weighted log loss (the metric), which the plain
-    class frequencies do not."""
-    prior = class_prior(labels) * np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
-    return np.log(prior / prior.sum(axis=1, keepdims=True))
-
-
 def _init_prior(model: Any, labels: np.ndarray) -> None:
     import torch
 
-    model.init_target_bias(torch.as_tensor(weighted_log_prior(labels), dtype=torch.float32))
+    log_prior = np.log(weighted_class_prior(labels))
+    model.init_target_bias(torch.as_tensor(log_prior, dtype=torch.float32))
 
 
 def _make_dataset(
