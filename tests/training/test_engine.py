@@ -207,8 +207,8 @@ def test_prior_init_sees_only_the_training_folds_labels(toy_sequence_cache, tmp_
     from lsdc.config import load_config
 
     cache = toy_sequence_cache(n_studies=6, size=32)
-    overrides = [*TINY, "engine.epochs=1", "engine.folds=2", "model.target_bias=true"]
-    cfg = load_config(SequenceTrainConfig, None, [*overrides, "prior_init=true"])
+    overrides = [*TINY, "engine.epochs=1", "engine.folds=2"]
+    cfg = load_config(SequenceTrainConfig, None, overrides)  # prior_init is the default
     task = sequence_task(cache, cfg)
     assert task.init_model is not None
     seen: list[np.ndarray] = []
@@ -229,5 +229,5 @@ def test_prior_init_sees_only_the_training_folds_labels(toy_sequence_cache, tmp_
         np.testing.assert_array_equal(labels, task.labels[[row[int(s)] for s in train]])
     assert len(seen) == 2
     # without the switch nothing is initialised
-    plain = load_config(SequenceTrainConfig, None, overrides)
+    plain = load_config(SequenceTrainConfig, None, [*overrides, "prior_init=false"])
     assert sequence_task(cache, plain).init_model is None
