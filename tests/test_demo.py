@@ -46,7 +46,7 @@ def test_tiny_demo_beats_uniform_and_reports_every_picture(tmp_path):
     for section in ("ensemble", "class prior", "oracle"):
         assert section in html
     saved = json.loads((tmp_path / "demo.json").read_text())
-    assert "fit: multitask" in saved["seconds"] and "predict: sequence inference" in saved["seconds"]
+    assert {"fit: multitask", "predict: sequence inference"} <= set(saved["seconds"])
     assert any("x the class prior" in line for line in lines)
 
     # A rerun reuses the phantom, the runs folder and its folds, and predicts the same.

@@ -80,7 +80,7 @@ def test_score_table_perfect_beats_prior_and_oracle_closes_whole_gap(truth_dir) 
     data, codes = truth_dir
     table = ev.score_table(data, {"perfect": (np.array(TEST_IDS), _one_hot(codes))})
     rows = table["rows"]
-    assert list(rows) == ["perfect", "class prior", "uniform", "oracle"]
+    assert list(rows) == ["perfect", "class prior", "weighted prior", "uniform", "oracle"]
     assert table["studies"] == N_TEST and table["test_studies"] == N_TEST
     assert rows["perfect"]["score"] < 1e-4 < rows["class prior"]["score"]
     assert rows["oracle"]["gap_closed"] == pytest.approx(1.0)
@@ -154,12 +154,14 @@ def test_heldout_scores_layout(truth_dir, tmp_path) -> None:
         "studies",
         "model",
         "class_prior",
+        "weighted_class_prior",
         "ratio_model_to_prior",
         "oracle",
         "share_of_prior_to_oracle_gap_closed",
     }
     assert out["studies"] == N_TEST
     assert out["model"]["score"] < out["oracle"]["score"] < out["class_prior"]["score"]
+    assert out["weighted_class_prior"]["score"] < out["class_prior"]["score"]
     assert ev.heldout_scores(tmp_path / "nowhere", np.array(TEST_IDS), _one_hot(codes)) is None
 
 

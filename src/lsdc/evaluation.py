@@ -53,8 +53,8 @@ __all__ = [
     "uniform_probs",
 ]
 
-PRIOR, UNIFORM, ORACLE = "class prior", "uniform", "oracle"
-BASELINES: tuple[str, ...] = (PRIOR, UNIFORM, ORACLE)
+PRIOR, WEIGHTED, UNIFORM, ORACLE = "class prior", "weighted prior", "uniform", "oracle"
+BASELINES: tuple[str, ...] = (PRIOR, WEIGHTED, UNIFORM, ORACLE)
 
 Predictions = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
@@ -202,7 +202,8 @@ def score_table(data_dir: str | Path, predictions: Predictions) -> dict[str, Any
 
     predictions: {name: (study_ids (n,), probs (n, 25, 3))}. Rows scored: the studies of
     truth/test_labels.csv that every model predicted. Baselines: `class prior` (per-target class
-    frequencies of all of train.csv), `uniform` (1/3 each) and, with truth/studies.jsonl,
+    frequencies of all of train.csv), `weighted prior` (the same times the metric's severity
+    weights, renormalised: the best constant), `uniform` (1/3 each) and, with truth/studies.jsonl,
     `oracle`. Returns
       {"studies": rows scored, "test_studies": studies in the truth,
        "predicted": {model: truth studies it predicted}, "models": [names],
@@ -223,6 +224,12 @@ def score_table(data_dir: str | Path, predictions: Predictions) -> dict[str, Any
         name: score_arrays(aligned.labels, p, ids) for name, p in aligned.probs.items()
     }
     scored[PRIOR] = score_arrays(aligned.labels, class_prior_probs(train_labels, n))
+    # The metric-optimal constant (prior x severity weights): what a model that reads nothing
+    # from its images can still reach, so the bar a model must clear to be seeing anything.
+    from lsdc.training.engine import weighted_class_prior
+
+    weighted = np.repeat(weighted_class_prior(np.asarray(train_labels))[None], n, axis=0)
+    scored[WEIGHTED] = score_arrays(aligned.labels, weighted)
     scored[UNIFORM] = score_arrays(aligned.labels, uniform_probs(n))
     oracle = oracle_probs(data_dir, ids)
     if oracle is not None:
@@ -265,6 +272,7 @@ def heldout_scores(data_dir: str | Path, study_ids: np.ndarray, probs: np.ndarra
         "studies": table["studies"],
         "model": terms("model"),
         "class_prior": terms(PRIOR),
+        "weighted_class_prior": terms(WEIGHTED),
         "ratio_model_to_prior": rows["model"]["ratio_to_prior"],
     }
     if ORACLE in rows:

@@ -93,3 +93,42 @@ def test_pretrained_from_local_file(tmp_path):
     torch.testing.assert_close(
         bb.model.state_dict()[key], src.model.state_dict()[key].sum(1, keepdim=True)
     )
+
+
+def test_grid_tokens_cover_every_cell_and_keep_the_missing_series_mask():
+    torch.manual_seed(0)
+    model = build_model("sequence", **TINY, grid=2, dropout=0.0).eval()
+    batch = _batch(b=2)
+    feats = model.forward_features(**batch)
+    assert feats["tokens"].shape == (2, 3 * 10 * 4, 32)
+    assert model(batch)["logits"].shape == (2, 25, 3)
+    batch["series_mask"][0, 2] = False
+    ref = model(batch)["logits"]
+    batch["images"][0, 2] = 9.0
+    torch.testing.assert_close(model(batch)["logits"], ref, atol=0, rtol=0)
+
+
+def test_grid_tokens_see_where_a_change_is():
+    """With a grid, the tokens of the cell holding a local change differ more than the others
+    (a pooled vector cannot say where the change was)."""
+    torch.manual_seed(0)
+    model = build_model("sequence", **TINY, grid=2).eval()
+    batch = _batch(b=1)
+    emb = model._slice_features(batch["images"], batch["series_mask"])  # (1, 3, 10, 4, F)
+    changed = batch["images"].clone()
+    changed[0, 0, 0, :16, :16] += 5.0  # top-left quarter of one slice
+    emb2 = model._slice_features(changed, batch["series_mask"])
+    diff = (emb2 - emb)[0, 0, 0].abs().sum(-1)  # (4,) per cell, row-major
+    assert int(diff.argmax()) == 0
+    assert torch.equal(emb2[0, 0, 1:], emb[0, 0, 1:])
+
+
+def test_target_bias_starts_at_the_given_prior():
+    model = build_model("sequence", **TINY, target_bias=True).eval()
+    log_prior = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(25, 3).clone()
+    log_prior[3] = torch.log(torch.tensor([0.2, 0.3, 0.5]))
+    model.init_target_bias(log_prior)
+    probs = model(_batch())["logits"].softmax(-1)
+    torch.testing.assert_close(probs, log_prior.exp().expand(2, 25, 3), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="target_bias"):
+        build_model("sequence", **TINY).init_target_bias(log_prior)

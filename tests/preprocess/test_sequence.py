@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lsdc.config import load_config
 from lsdc.constants import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES
 from lsdc.io.dicom import Series
 from lsdc.io.study import Study
+from lsdc.preprocess.crops import SagittalRoiConfig
 from lsdc.preprocess.sequence import (
     SequencePreprocessConfig,
     build_study_arrays,
@@ -158,6 +160,22 @@ def test_missing_series_type_is_masked_and_zero():
     assert arrays["labels"].tolist() == labels
     assert set(meta["series"]) == {SAGITTAL_T1, AXIAL_T2}
     assert arrays["images"][0].max() == 255  # percentile normalisation uses the full range
+
+
+def test_tall_sagittal_window_keeps_body_and_canal(toy_sagittal):
+    """`sagittal_roi.aspect=0.6` (measured in the demo preset): the spine fills the field of
+    view top to bottom, and the tall crop still keeps the vertebral bodies and the canal behind
+    them while sampling them more finely across (AP) than a square window does."""
+    from lsdc.preprocess.crops import sagittal_roi
+
+    vol, _ = toy_sagittal(size=128)
+    cfg = load_config(SequencePreprocessConfig, None, ["sagittal_roi.aspect=0.6"])
+    y0, y1, x0, x1 = sagittal_roi(vol, cfg.sagittal_roi)
+    assert x1 - x0 < 0.75 * (y1 - y0)
+    # toy anatomy: bodies from 0.36 w, canal up to 0.65 w
+    assert x0 <= int(0.36 * 128) and x1 >= int(0.65 * 128)
+    sy0, sy1, sx0, sx1 = sagittal_roi(vol, SagittalRoiConfig(aspect=1.0))
+    assert (sx1 - sx0) > 1.3 * (x1 - x0)
 
 
 # --------------------------------------------------------------------------- from DICOM files

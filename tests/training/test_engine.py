@@ -179,3 +179,55 @@ def test_a_run_that_failed_before_training_can_be_retried_with_other_settings(
     assert (run / "config.yaml").exists()  # the failed attempt left its settings
     cfg, saved = resolve_run_config(SequenceTrainConfig, run, folds=2, epochs=1)
     assert cfg.engine.folds == 2 and not saved.exists() and not (run / "folds.csv").exists()
+
+
+def test_weighted_class_prior_minimises_the_weighted_log_loss():
+    from lsdc.constants import SEVERITY_WEIGHTS
+    from lsdc.training.engine import weighted_class_prior
+
+    rng = np.random.default_rng(0)
+    # many rows, so the prior's +1 smoothing is negligible against the perturbations below
+    labels = rng.choice(3, size=(4000, 25), p=[0.75, 0.18, 0.07])
+    labels[:5, 0] = -1
+    q = weighted_class_prior(labels)
+    np.testing.assert_allclose(q.sum(1), 1.0)
+    w = np.asarray(SEVERITY_WEIGHTS)
+
+    def loss(p, t):  # weighted log loss of a constant prediction p (3,) on target t
+        y = labels[:, t][labels[:, t] >= 0]
+        return float((w[y] * -np.log(p[y])).sum() / w[y].sum())
+
+    for t in (0, 7):
+        best = loss(q[t], t)
+        for d in ([0.02, -0.01, -0.01], [-0.02, 0.01, 0.01], [0.0, 0.01, -0.01]):
+            assert best < loss(q[t] + np.asarray(d), t)
+
+
+def test_prior_init_sees_only_the_training_folds_labels(toy_sequence_cache, tmp_path):
+    from lsdc.config import load_config
+
+    cache = toy_sequence_cache(n_studies=6, size=32)
+    overrides = [*TINY, "engine.epochs=1", "engine.folds=2"]
+    cfg = load_config(SequenceTrainConfig, None, overrides)  # prior_init is the default
+    task = sequence_task(cache, cfg)
+    assert task.init_model is not None
+    seen: list[np.ndarray] = []
+    init = task.init_model
+
+    def spy(model, labels):
+        seen.append(labels.copy())
+        init(model, labels)
+        assert model.head.weight.abs().sum() == 0
+
+    task.init_model = spy
+    run = tmp_path / "run"
+    run_cross_validation(run, task, cfg.engine)
+    folds = pd.read_csv(run / "folds.csv")
+    row = {int(s): i for i, s in enumerate(task.study_ids)}
+    for k, labels in enumerate(seen):
+        train = folds.loc[folds["fold"] != k, "study_id"]
+        np.testing.assert_array_equal(labels, task.labels[[row[int(s)] for s in train]])
+    assert len(seen) == 2
+    # without the switch nothing is initialised
+    plain = load_config(SequenceTrainConfig, None, [*overrides, "prior_init=false"])
+    assert sequence_task(cache, plain).init_model is None

@@ -40,9 +40,14 @@ class SequenceModel(nn.Module):
         dropout: float = 0.1,
         level_tokens: bool = True,
         drop_path_rate: float = 0.0,
+        grid: int = 1,
+        target_bias: bool = False,
     ) -> None:
         super().__init__()
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
         self.num_slices = num_slices
+        self.grid = grid
         self.shared_backbone = shared_backbone
         self.level_tokens = level_tokens
         n_backbones = 1 if shared_backbone else N_TYPES
@@ -60,10 +65,15 @@ class SequenceModel(nn.Module):
         self.proj = nn.Sequential(nn.Linear(num_features, d_model), nn.LayerNorm(d_model))
         self.type_embed = nn.Parameter(torch.zeros(N_TYPES, d_model))
         self.pos_embed = nn.Parameter(torch.zeros(num_slices, d_model))
+        # grid > 1: each slice gives grid x grid tokens (its feature map pooled to that grid) with
+        # a learned embedding per cell, so the level queries can attend to where a level lies in
+        # the slice instead of reading it out of one globally pooled vector.
+        self.cell_embed = nn.Parameter(torch.zeros(grid * grid, d_model)) if grid > 1 else None
         n_queries = N_LEVELS if level_tokens else 1
         self.query_tokens = nn.Parameter(torch.zeros(n_queries, d_model))
-        for p in (self.type_embed, self.pos_embed, self.query_tokens):
-            nn.init.trunc_normal_(p, std=0.02)
+        for p in (self.type_embed, self.pos_embed, self.query_tokens, self.cell_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
         layer = nn.TransformerEncoderLayer(
             d_model,
             num_heads,
@@ -78,28 +88,55 @@ class SequenceModel(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         per_query = N_CONDITIONS * N_CLASSES * (1 if level_tokens else N_LEVELS)
         self.head = nn.Linear(d_model, per_query)
+        # A bias per target (25, 3) on top of the head: the shared level-token head cannot hold
+        # the per-level class balance, and `init_target_bias` starts it at the training prior.
+        self.target_bias = (
+            nn.Parameter(torch.zeros(N_CONDITIONS * N_LEVELS, N_CLASSES)) if target_bias else None
+        )
+
+    @torch.no_grad()
+    def init_target_bias(self, log_prior: torch.Tensor) -> None:
+        """Start the output at `log_prior` (25, 3): the head is zeroed and the bias set, so
+        training begins at the class prior instead of spending its first steps finding it (the
+        head still learns: its gradient is the features times the error)."""
+        if self.target_bias is None:
+            raise ValueError("the model was built with target_bias=False")
+        self.target_bias.copy_(log_prior.to(self.target_bias))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _embed(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) -> (N, G, F) with G = grid * grid cells (G = 1: the pooled vector)."""
+        if self.grid == 1:
+            return backbone(x)[:, None]
+        fmap = backbone.model.forward_features(x)
+        if fmap.ndim != 4:
+            raise ValueError(f"grid > 1 needs a CNN feature map (N, C, h, w), got {fmap.ndim}-D")
+        cells = nn.functional.adaptive_avg_pool2d(fmap, self.grid)  # (N, F, grid, grid)
+        return cells.flatten(2).transpose(1, 2)  # (N, G, F)
 
     def _slice_features(self, images: torch.Tensor, series_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, S, H, W), (B, T) -> (B, T, S, F); zeros for missing series, whose pixels never
-        reach a backbone (so they cannot leak in, not even through BatchNorm statistics)."""
+        """(B, T, S, H, W), (B, T) -> (B, T, S, G, F); zeros for missing series, whose pixels
+        never reach a backbone (so they cannot leak in, not even through BatchNorm statistics)."""
         b, t, s, h, w = images.shape
-        out = images.new_zeros(b, t, s, self.backbones[0].num_features)
+        g = self.grid * self.grid
+        out = images.new_zeros(b, t, s, g, self.backbones[0].num_features)
         if self.shared_backbone:
             # One backbone call over every present series of the batch (fewer, larger kernels).
             present = images[series_mask]  # (P, S, H, W)
             if present.shape[0]:
-                feats = self.backbones[0](present.reshape(-1, 1, h, w))  # (P * S, F)
+                feats = self._embed(self.backbones[0], present.reshape(-1, 1, h, w))  # (P*S, G, F)
                 out = out.to(feats.dtype)
-                out[series_mask] = feats.reshape(present.shape[0], s, -1)
+                out[series_mask] = feats.reshape(present.shape[0], s, g, -1)
             return out
         for ti in range(t):
             rows = series_mask[:, ti]
             if not bool(rows.any()):
                 continue
             x = images[rows, ti].reshape(-1, 1, h, w)  # (B_present * S, 1, H, W)
-            feats = self.backbones[ti](x).reshape(int(rows.sum()), s, -1)  # (B_present, S, F)
+            feats = self._embed(self.backbones[ti], x)  # (B_present * S, G, F)
             out = out.to(feats.dtype)
-            out[rows, ti] = feats
+            out[rows, ti] = feats.reshape(int(rows.sum()), s, g, -1)
         return out
 
     def forward_features(
@@ -111,21 +148,24 @@ class SequenceModel(nn.Module):
                 f"images must be (B, {N_TYPES}, {self.num_slices}, H, W), got {tuple(images.shape)}"
             )
         series_mask = series_mask.bool()
-        feats = self._slice_features(images, series_mask)  # (B, T, S, F)
-        tokens = self.proj(feats)  # (B, T, S, D)
-        tokens = tokens + self.type_embed[None, :, None, :] + self.pos_embed[None, None, :, :]
-        tokens = tokens.reshape(b, t * s, -1)  # (B, 30, D)
+        feats = self._slice_features(images, series_mask)  # (B, T, S, G, F)
+        g = feats.shape[3]
+        tokens = self.proj(feats)  # (B, T, S, G, D)
+        tokens = tokens + self.type_embed[None, :, None, None] + self.pos_embed[None, None, :, None]
+        if self.cell_embed is not None:
+            tokens = tokens + self.cell_embed[None, None, None]
+        tokens = tokens.reshape(b, t * s * g, -1)  # (B, T * S * G, D)
         queries = self.query_tokens[None].expand(b, -1, -1)  # (B, Q, D)
-        x = torch.cat([queries, tokens], dim=1)  # (B, Q + 30, D)
+        x = torch.cat([queries, tokens], dim=1)  # (B, Q + T * S * G, D)
         # True = ignore: every slice token of a missing series; query tokens are always kept so
         # a study without any series still has something to attend to.
         pad = torch.cat(
             [
                 series_mask.new_zeros(b, queries.shape[1]),
-                (~series_mask)[:, :, None].expand(b, t, s).reshape(b, t * s),
+                (~series_mask)[:, :, None].expand(b, t, s * g).reshape(b, t * s * g),
             ],
             dim=1,
-        )  # (B, Q + 30)
+        )  # (B, Q + T * S * G)
         x = self.encoder(x, src_key_padding_mask=pad)
         x = self.norm(x)
         return {"queries": x[:, : queries.shape[1]], "tokens": x[:, queries.shape[1] :]}
@@ -140,6 +180,8 @@ class SequenceModel(nn.Module):
             logits = logits.reshape(b, N_CONDITIONS * N_LEVELS, N_CLASSES)
         else:
             logits = out.reshape(b, N_CONDITIONS * N_LEVELS, N_CLASSES)
+        if self.target_bias is not None:
+            logits = logits + self.target_bias
         return {"logits": logits}  # (B, 25, 3)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,9 @@ class TrainTask:
     # Further model outputs kept with the OOF predictions (e.g. "keypoints"): float arrays
     # (B, ...) per batch, saved in oof.npz as `out_<name>` and returned in CVResult.outputs.
     oof_outputs: tuple[str, ...] = ()
+    # Called on a fresh model with the labels (n_train, 25) of the fold's training studies
+    # (e.g. to start the output at their class prior); never sees validation labels.
+    init_model: Callable[[nn.Module, np.ndarray], None] | None = None
 
 
 @dataclass
@@ -259,6 +262,17 @@ def class_prior(labels: np.ndarray) -> np.ndarray:
     return prior / prior.sum(axis=1, keepdims=True)
 
 
+def weighted_class_prior(labels: np.ndarray) -> np.ndarray:
+    """`class_prior` times the metric's severity weights, renormalised (25, 3): the constant
+    prediction that minimises the weighted log loss (the metric), which the plain frequencies do
+    not. A model that has learnt nothing from its images converges to this, not to
+    `class_prior`, so it is the bar that shows whether images were used."""
+    from lsdc.constants import SEVERITY_WEIGHTS
+
+    prior = class_prior(labels) * np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
+    return prior / prior.sum(axis=1, keepdims=True)
+
+
 def resolve_precision(cfg: EngineConfig) -> tuple[str, str]:
     """(accelerator, precision) from 'auto' settings and the hardware present."""
     accel = cfg.accelerator
@@ -389,6 +403,9 @@ def _train_fold(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_dir = fold_dir / "checkpoints"
     model = build_model(task.model_name, **task.model_kwargs)
+    if task.init_model is not None:
+        row = {int(s): i for i, s in enumerate(task.study_ids)}
+        task.init_model(model, task.labels[[row[int(s)] for s in train_ids]])
     lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs)
     accel, precision = resolve_precision(cfg)
     checkpoint = ModelCheckpoint(

