@@ -257,6 +257,13 @@ def synth_cmd(
     preview: Annotated[
         bool, typer.Option(help="Also write OUT_DIR/preview.png (first study).")
     ] = False,
+    axial_flip: Annotated[
+        str,
+        typer.Option(
+            help="Store axial images mirrored, as some scanners do: none | rows (row direction "
+            "toward patient right) | cols (column direction toward anterior) | both."
+        ),
+    ] = "none",
 ) -> None:
     """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers)."""
     from lsdc.synth import generate_dataset
@@ -269,6 +276,7 @@ def synth_cmd(
         seed=seed,
         workers=workers,
         coords_fraction=coords_fraction,
+        axial_flip=axial_flip,
     )
     typer.echo(f"wrote {train_studies} train + {test_studies} test studies to {out}")
     if preview:

@@ -52,6 +52,7 @@ from lsdc.preprocess.cache import CacheRunReport, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
+    canonical_axial_fraction,
     crop_and_resize,
     fit_axial_roi,
     map_points_to_crop,
@@ -69,7 +70,9 @@ from lsdc.preprocess.slice_relevance import (
 PIPELINE = "multitask"
 # Layout version of the cache files; part of the configuration hash, so a cache written with
 # another layout is refused instead of mixed. Bump on any change of arrays or meta.
-CACHE_FORMAT = 2
+# 3: the axial window is mirrored onto series stored right-to-left or posterior-to-anterior
+# (AxialRoi fractions are canonical), so crops of such series changed.
+CACHE_FORMAT = 3
 SOURCES = ("labelled", "oof", "predicted", "middle")
 
 
@@ -394,7 +397,7 @@ def build_study(
                 if sid not in norm_cache:
                     norm_cache[sid] = normalise_volume(series.volume)
                     window_cache[sid] = (
-                        axial_roi.window(series.volume.shape[1:])
+                        axial_roi.window(series.volume.shape[1:], orientation=series.orientation)
                         if st == AXIAL_T2
                         else sagittal_roi(series.volume, cfg.sagittal_roi)
                     )
@@ -498,15 +501,15 @@ def axial_roi_from_coordinates(
     split: str = "train",
 ) -> AxialRoi:
     """Fit the `AxialRoi` to the axial label points of a dataset (default: its
-    `train_label_coordinates.csv`), reading each labelled image's size from its DICOM header
-    (one header per labelled file)."""
+    `train_label_coordinates.csv`), reading each labelled image's size and orientation from its
+    DICOM header (one header per labelled file); points are taken in the canonical frame."""
     from lsdc.io.dicom import read_header
 
     data_dir = Path(data_dir)
     if labels is None:
         labels = dataset_labels(str(data_dir))
     axial = {c for c, t in CONDITION_SERIES.items() if t == AXIAL_T2}
-    shapes: dict[Path, tuple[int, int]] = {}
+    headers: dict[Path, Any] = {}
     pts = []
     for sid, labs in labels.items():
         for lab in labs:
@@ -514,14 +517,13 @@ def axial_roi_from_coordinates(
                 continue
             path = data_dir / f"{split}_images" / str(sid) / str(lab.series_id)
             path = path / f"{lab.instance_number}.dcm"
-            if path not in shapes:
+            if path not in headers:
                 try:
-                    h = read_header(path)
+                    headers[path] = read_header(path)
                 except Exception:  # noqa: BLE001 - a missing file only loses one statistic
                     continue
-                shapes[path] = (h.rows, h.cols)
-            rows, cols = shapes[path]
-            pts.append((lab.x / cols, lab.y / rows))
+            h = headers[path]
+            pts.append(canonical_axial_fraction(lab.x, lab.y, (h.rows, h.cols), h.orientation))
     if not pts:
         raise ValueError(f"{data_dir}: no readable axial coordinates to fit the axial ROI")
     return fit_axial_roi(np.asarray(pts))

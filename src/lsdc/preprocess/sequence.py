@@ -33,7 +33,13 @@ import numpy as np
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS
 from lsdc.preprocess.cache import CacheRunReport, StudyArrays, StudyCache
-from lsdc.preprocess.crops import AxialRoi, SagittalRoiConfig, crop_and_resize, sagittal_roi
+from lsdc.preprocess.crops import (
+    AxialRoi,
+    SagittalRoiConfig,
+    canonical_flips,
+    crop_and_resize,
+    sagittal_roi,
+)
 
 PIPELINE = "sequence"
 
@@ -92,17 +98,6 @@ def sample_stack(
     t = (idx - lo).astype(np.float32)
     out = stack[lo] * (1 - t)[:, None, None] + stack[hi] * t[:, None, None]
     return out.astype(np.float32), idx, positions[lo] * (1 - t) + positions[hi] * t
-
-
-def canonical_flips(orientation: Sequence[float], series_type: str) -> tuple[bool, bool]:
-    """(flip rows, flip columns) that bring an image into the canonical frame of its type."""
-    o = np.asarray(orientation, dtype=np.float64).reshape(6)
-    row_dir, col_dir = o[:3], o[3:]  # directions of growing column index / growing row index
-    if series_type == AXIAL_T2:
-        # columns -> +x (patient left), rows -> +y (posterior)
-        return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
-    # sagittal: columns -> +y (posterior), rows -> -z (feet)
-    return bool(col_dir[2] > 0), bool(row_dir[1] < 0)
 
 
 def ordering_axis(series_type: str) -> np.ndarray:

@@ -45,6 +45,7 @@ from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
     Window,
+    canonical_axial_fraction,
     crop_and_resize,
     fit_axial_roi,
     sagittal_roi,
@@ -54,6 +55,9 @@ MODEL_NAMES: tuple[str, ...] = ("random_forest", "svm", "mlp", "xgboost")
 ENSEMBLE = "ensemble"
 BASELINE = "middle_slice"
 FEATURE_PIPELINE = "slice-relevance-features"
+# Part of the feature cache's configuration hash: 2 added each series' orientation (the axial
+# ROI is fitted in the canonical frame), so caches without it are refused, not misread.
+FEATURE_CACHE_FORMAT = 2
 # The ensemble's out-of-fold slice per (study, series, task) of the CV: what a model that never
 # saw the study predicts, so training crops are selected the way test crops are.
 OOF_SLICES_FILE = "oof_slices.csv"
@@ -296,6 +300,7 @@ class SeriesFeatures:
     features: np.ndarray  # (S, F) float32
     instance_numbers: np.ndarray  # (S,) int64
     native_shapes: np.ndarray  # (S, 2) rows, cols of each slice's own file image
+    orientation: np.ndarray  # (6,) the series' ImageOrientationPatient (canonical ROI frame)
 
 
 def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
@@ -316,6 +321,7 @@ def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
         ),
         instance_numbers=np.asarray(series.instance_numbers, dtype=np.int64),
         native_shapes=np.asarray(shapes, dtype=np.int64),
+        orientation=np.asarray(series.orientation, dtype=np.float64),
     )
 
 
@@ -357,6 +363,7 @@ def _build_study_features(
         arrays[f"{f.series_id}__features"] = f.features
         arrays[f"{f.series_id}__instance_numbers"] = f.instance_numbers
         arrays[f"{f.series_id}__native_shapes"] = f.native_shapes
+        arrays[f"{f.series_id}__orientation"] = f.orientation
         series_meta.append({"series_id": f.series_id, "series_type": f.series_type})
     return arrays, {"study_id": int(study_id), "series": series_meta, "errors": study.errors}
 
@@ -371,6 +378,7 @@ def load_cached_features(cache: Any, study_id: int) -> list[SeriesFeatures]:
             features=arrays[f"{m['series_id']}__features"],
             instance_numbers=arrays[f"{m['series_id']}__instance_numbers"],
             native_shapes=arrays[f"{m['series_id']}__native_shapes"],
+            orientation=arrays[f"{m['series_id']}__orientation"],
         )
         for m in meta["series"]
     ]
@@ -391,7 +399,8 @@ def compute_features(
     from lsdc.preprocess.cache import StudyCache
 
     data_dir = Path(data_dir)
-    cache = StudyCache(cache_dir, FEATURE_PIPELINE, {"split": split, **config_to_dict(cfg)})
+    config = {"split": split, "format": FEATURE_CACHE_FORMAT, **config_to_dict(cfg)}
+    cache = StudyCache(cache_dir, FEATURE_PIPELINE, config)
     build = functools.partial(_build_study_features, data_dir=data_dir, split=split, cfg=cfg)
     return cache.run(study_ids, build, workers=workers, desc="slice features", progress=progress)
 
@@ -646,8 +655,9 @@ def labelled_series(
     """Join one study's features with its coordinate rows.
 
     Returns the labelled series and, for the axial ROI statistics, the axial points as
-    fractions of their slice's native image size. Rows whose instance is not in the series (the
-    reader may have dropped a bad file) or is carried by several slices (ambiguous) are skipped.
+    fractions of their slice's native image size, in the canonical axial frame. Rows whose
+    instance is not in the series (the reader may have dropped a bad file) or is carried by
+    several slices (ambiguous) are skipped.
     """
     by_series = {f.series_id: f for f in features}
     out: dict[int, LabelledSeries] = {}
@@ -666,8 +676,10 @@ def labelled_series(
         )
         ls.targets.setdefault(task_of(f.series_type, row.condition, row.level), []).append(idx)
         if f.series_type == AXIAL_T2:
-            rows, cols = f.native_shapes[idx]
-            axial_points.append({"x": float(row.x) / cols, "y": float(row.y) / rows})
+            x, y = canonical_axial_fraction(
+                float(row.x), float(row.y), tuple(f.native_shapes[idx]), f.orientation
+            )
+            axial_points.append({"x": x, "y": y})
     return list(out.values()), axial_points
 
 
