@@ -47,11 +47,7 @@ def preprocess(
     report = preprocess_dataset(
         data_dir, cache, split=split, workers=workers, overrides=overrides or [], **kwargs
     )
-    typer.echo(
-        f"{len(report.written)} written ({len(report.repaired)} of them replacing damaged "
-        f"files), {len(report.skipped)} already cached, "
-        f"{len(report.failed)} failed (see {cache / 'errors.jsonl'})"
-    )
+    typer.echo(report.summary(cache))
     if report.failed:
         raise typer.Exit(1)
 

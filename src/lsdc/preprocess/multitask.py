@@ -294,6 +294,15 @@ def _keypoints(
         except KeyError:
             dropped.append(f"{where} has no readable instance {lab.instance_number}")
             continue
+        shape = src.native_shapes[li] if src.native_shapes is not None else src.volume.shape[1:]
+        rows, cols = int(shape[0]), int(shape[1])
+        # Pixel centres are integers, so the image spans -0.5 .. n - 0.5.
+        if not (-0.5 <= lab.x <= cols - 0.5 and -0.5 <= lab.y <= rows - 0.5):
+            dropped.append(
+                f"{where}: point ({lab.x:g}, {lab.y:g}) lies outside the {rows}x{cols} image of "
+                f"instance {lab.instance_number}"
+            )
+            continue
         col, row = src.native_to_volume(li, lab.x, lab.y)
         if src is series:
             pts[k] = (col, row)
@@ -435,12 +444,17 @@ def build_study(
         if severity is not None
         else np.full(len(TARGETS), -1, np.int8)
     )
+    from lsdc.io.study import study_warnings
+
+    warnings = study_warnings(study, descriptions)
+    warnings += [f"coordinate dropped: {reason}" for reason in dropped_labels]
     return arrays, {
         "study_id": int(study_id),
         "split": split,
         "crops": crops_meta,
         "series_errors": list(study.errors),
         "dropped_labels": dropped_labels,
+        "warnings": warnings,
     }
 
 
@@ -610,7 +624,17 @@ def preprocess_dataset(
         from lsdc.preprocess.slice_relevance import fork_safe_workers
 
         workers = fork_safe_workers(workers, "multitask preprocessing")
-    return cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+    report = cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+    if study_ids is None and split == "train":
+        # Studies on disk are all tried; a labelled study without images or listing is not.
+        tried = set(ids)
+        report.left_out = {
+            sid: "labelled in train.csv but has no images and is not in "
+            "train_series_descriptions.csv"
+            for sid in sorted(map(int, dataset_severity(str(data_dir))))
+            if sid not in tried
+        }
+    return report
 
 
 def coordinate_table(cache: StudyCache | str | Path) -> pd.DataFrame:
