@@ -57,7 +57,8 @@ class Study:
 
 def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) -> list[str]:
     """Why a study is degraded, one line each: a series folder that could not be read, a listed
-    series without folder, a series of no known type (not used), a series type it lacks."""
+    series without folder, an unreadable file left out of a series, a series of no known type
+    (not used), a series type it lacks."""
     from lsdc.constants import SERIES_TYPES
 
     out = [f"series {e}" for e in study.errors]
@@ -67,6 +68,8 @@ def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) 
         if sid not in read and str(sid) not in failed:
             out.append(f"series {sid}: listed in the descriptions table but has no folder")
     for s in study.series:
+        for path, reason in s.skipped_files:
+            out.append(f"series {s.series_id}: file {Path(path).name} skipped ({reason})")
         if s.series_type not in SERIES_TYPES:
             out.append(
                 f"series {s.series_id}: no known series type (not in the descriptions table, "
