@@ -89,7 +89,7 @@ def fx_test_studies(data: Path) -> list[int]:
 
 SUBMISSION_FAULTS = {
     # change, text every problem list must contain
-    "missing_rows": (lambda s: s.drop(index=range(3, 8)), "missing"),
+    "missing_rows": (lambda s: s.drop(index=range(3, 8)), ": 5 rows missing"),
     "nan": (lambda s: s.assign(moderate=s.moderate.where(s.index != 4, np.nan)), "line 6"),
     "not_summing_to_one": (lambda s: s.assign(severe=s.severe.where(s.index != 9, 0.5)), "line 11"),
     "negative": (lambda s: s.assign(severe=s.severe.where(s.index != 2, -0.1)), "line 4"),
@@ -99,7 +99,10 @@ SUBMISSION_FAULTS = {
         ),
         "42",
     ),
-    "duplicate_row": (lambda s: pd.concat([s, s.iloc[[7]]], ignore_index=True), "line"),
+    "duplicate_row": (
+        lambda s: pd.concat([s, s.iloc[[7]]], ignore_index=True),
+        "repeated row id",
+    ),
     "bad_row_id": (lambda s: s.assign(row_id=s.row_id.where(s.index != 1, "../x")), "../x"),
 }
 

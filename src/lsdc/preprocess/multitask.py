@@ -23,6 +23,9 @@ Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
   keypoints (K, 2) float32 crop x/y, NaN when missing    keypoint_mask (K,) bool (known and inside)
   keypoint_native (K, 2) float32 x/y on the series grid   keypoint_slice_offset (K,) int64
   window (4,) int64 y0 y1 x0 x1 on the series grid        volume_shape (3,) int64
+  flips (2,) bool: rows / columns of image, hires and keypoints mirrored into the canonical
+    axial frame (patient left on the right, posterior at the bottom; `crops.canonical_flips`),
+    so axial crops look alike whichever way the scanner stored them; sagittal crops: False
   positions (3, 3), orientations (3, 6), pixel_spacing (2,) float64: geometry of the 3 slices
   present () bool: False when the study lacks the series type (all arrays then zero / masked)
 plus `labels` (25,) int8 severity codes of the study (-1 = unlabelled; all -1 on the test split),
@@ -53,6 +56,7 @@ from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
     canonical_axial_fraction,
+    canonical_flips,
     crop_and_resize,
     fit_axial_roi,
     map_points_to_crop,
@@ -71,7 +75,8 @@ PIPELINE = "multitask"
 # Layout version of the cache files; part of the configuration hash, so a cache written with
 # another layout is refused instead of mixed. Bump on any change of arrays or meta.
 # 3: the axial window is mirrored onto series stored right-to-left or posterior-to-anterior
-# (AxialRoi fractions are canonical), so crops of such series changed.
+# (AxialRoi fractions are canonical) and their crops are mirrored into the canonical frame
+# (`flips`), so crops of such series changed.
 CACHE_FORMAT = 3
 SOURCES = ("labelled", "oof", "predicted", "middle")
 
@@ -142,6 +147,7 @@ class TaskCrop:
     keypoint_slice_offset: np.ndarray  # (K,)
     window: tuple[int, int, int, int]
     volume_shape: tuple[int, int, int]
+    flips: tuple[bool, bool]  # crop rows / columns mirrored relative to the series grid
     positions: np.ndarray  # (3, 3) ImagePositionPatient of each slice
     orientations: np.ndarray  # (3, 6) ImageOrientationPatient of each slice
     pixel_spacing: np.ndarray  # (2,)
@@ -151,7 +157,13 @@ class TaskCrop:
         reader resampled the slice)."""
         from lsdc.preprocess.crops import map_points_from_crop
 
-        return map_points_from_crop(points_xy, self.window, self.image.shape[-2:])
+        h, w = self.image.shape[-2:]
+        pts = np.array(points_xy, dtype=np.float64).reshape(-1, 2)
+        if self.flips[1]:
+            pts[:, 0] = w - 1 - pts[:, 0]
+        if self.flips[0]:
+            pts[:, 1] = h - 1 - pts[:, 1]
+        return map_points_from_crop(pts, self.window, (h, w))
 
 
 def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[TaskCrop]:
@@ -185,6 +197,7 @@ def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[
                 keypoint_slice_offset=a("keypoint_slice_offset"),
                 window=tuple(int(v) for v in a("window")),  # type: ignore[arg-type]
                 volume_shape=tuple(int(v) for v in a("volume_shape")),  # type: ignore[arg-type]
+                flips=(bool(a("flips")[0]), bool(a("flips")[1])),
                 positions=a("positions"),
                 orientations=a("orientations"),
                 pixel_spacing=a("pixel_spacing"),
@@ -327,6 +340,7 @@ def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
         "keypoint_slice_offset": np.zeros(k, np.int64),
         "window": np.zeros(4, np.int64),
         "volume_shape": np.zeros(3, np.int64),
+        "flips": np.zeros(2, bool),
         "positions": np.zeros((slices, 3)),
         "orientations": np.zeros((slices, 6)),
         "pixel_spacing": np.zeros(2),
@@ -343,6 +357,25 @@ def _hires(stack: np.ndarray, window: tuple[int, int, int, int], max_side: int) 
     scale = min(1.0, max_side / max(y1 - y0, x1 - x0))
     shape = (max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)))
     return crop_and_resize(stack, window, shape)
+
+
+def _mirror(
+    image: np.ndarray,
+    hires: np.ndarray,
+    pts: np.ndarray,
+    flips: tuple[bool, bool],
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacks (S, h, w) and crop points (K, 2) mirrored by `flips` (rows, columns); pixel i of
+    an n-pixel side goes to n - 1 - i, so points stay on their pixels."""
+    pts = pts.copy()
+    if flips[0]:
+        image, hires = image[:, ::-1], hires[:, ::-1]
+        pts[:, 1] = size - 1 - pts[:, 1]
+    if flips[1]:
+        image, hires = image[:, :, ::-1], hires[:, :, ::-1]
+        pts[:, 0] = size - 1 - pts[:, 0]
+    return np.ascontiguousarray(image), np.ascontiguousarray(hires), pts
 
 
 def build_study(
@@ -419,6 +452,12 @@ def build_study(
                 for reason in lost:
                     print(f"study {study_id}: coordinate dropped, {reason}", file=sys.stderr)
                 pts, inside = map_points_to_crop(native, window, size)
+                flips = (
+                    canonical_flips(series.orientation, AXIAL_T2)
+                    if st == AXIAL_T2
+                    else (False, False)
+                )
+                image, hires, pts = _mirror(image, hires, pts, flips, size)
                 item.update(
                     image=np.clip(image, 0.0, 1.0).astype(np.float16),
                     hires=np.clip(hires, 0.0, 1.0).astype(np.float16),
@@ -430,6 +469,7 @@ def build_study(
                     keypoint_slice_offset=offsets,
                     window=np.asarray(window, np.int64),
                     volume_shape=np.asarray(series.volume.shape, np.int64),
+                    flips=np.asarray(flips, bool),
                     positions=series.positions[idx].astype(np.float64),
                     orientations=np.stack([series.slice_orientation(int(i)) for i in idx]),
                     pixel_spacing=np.asarray(series.pixel_spacing, np.float64),
