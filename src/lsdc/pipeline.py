@@ -426,6 +426,12 @@ def fit(
             )
         if rep.failed:
             log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
+        if rep.warnings:
+            log(f"  {len(rep.warnings)} studies degraded ({stage}); listed in its warnings.jsonl")
+        if rep.left_out:
+            shown = ", ".join(f"{s} ({why})" for s, why in list(rep.left_out.items())[:3])
+            more = f" and {len(rep.left_out) - 3} more" if len(rep.left_out) > 3 else ""
+            log(f"  {len(rep.left_out)} studies left out ({stage}): {shown}{more}")
 
     def sr() -> None:
         if not (run_dir("sr") / "report.json").exists():

@@ -32,10 +32,12 @@ TINY = [
 ]
 
 
-def _fit(data: Path, runs: Path) -> None:
+def _fit(data: Path, runs: Path) -> list[str]:
     from lsdc.pipeline import fit
 
-    fit(data, runs, preset="demo", overrides=TINY, log=lambda _: None, progress=False)
+    lines: list[str] = []
+    fit(data, runs, preset="demo", overrides=TINY, log=lines.append, progress=False)
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +139,15 @@ def test_a_damaged_resume_checkpoint_is_named_and_its_fold_retrained(
     (fold / "checkpoints").mkdir(exist_ok=True)
     last = fold / "checkpoints" / "last.ckpt"
     last.write_bytes(b"PK\x03\x04" + b"\0" * 500)
+    # And a study on disk that the descriptions table does not list: fit says it left it out.
+    data = Path(shutil.copytree(fitted / "data", tmp_path / "data"))
+    first = sorted((data / "train_images").iterdir())[0]
+    shutil.copytree(first, data / "train_images" / "555")
     capsys.readouterr()
-    _fit(fitted / "data", runs)
+    lines = _fit(data, runs)
     assert f"{last}: damaged checkpoint" in capsys.readouterr().err
+    left = [x for x in lines if "studies left out (sequence_cache)" in x]
+    assert left and "555 (has images but is not in train_series_descriptions.csv)" in left[0]
     assert (fold / "result.json").exists() and (fold / "model.safetensors").exists()
     # Weights are written like every other file: as the umask allows, not 0600.
     mask = os.umask(0)

@@ -207,7 +207,9 @@ def build_index(
             problems.append(
                 Problem(
                     str(images / str(study_id)),
-                    f"{SKIP_UNLISTED_STUDY}: on disk but not in {table}, so no pipeline reads it",
+                    f"{SKIP_UNLISTED_STUDY}: on disk but not in {table}; the sequence "
+                    "pipeline and predict leave it out (multitask types its series from DICOM "
+                    "tags, without labels unless train.csv has it)",
                 )
             )
         for study_id, series_id in sorted(set(descriptions) - seen):
