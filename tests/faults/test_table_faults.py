@@ -188,3 +188,38 @@ def test_an_unusable_coordinate_drops_only_that_point_and_is_named(
     assert not mask[f"left_subarticular_stenosis_{key}"]
     assert mask[f"right_subarticular_stenosis_{key}"] == (len(right) == 1)
     fx.no_partial_files(tmp_path)
+
+
+def test_slice_relevance_names_the_coordinates_it_cannot_use() -> None:
+    import numpy as np
+
+    from lsdc.constants import AXIAL_T2
+    from lsdc.preprocess.slice_relevance import SeriesFeatures, labelled_series
+
+    feats = SeriesFeatures(
+        series_id=5,
+        series_type=AXIAL_T2,
+        features=np.zeros((3, 4), np.float32),
+        instance_numbers=np.array([1, 2, 2]),
+        native_shapes=np.array([[48, 48]] * 3),
+        orientation=np.array([1.0, 0, 0, 0, 1, 0]),
+    )
+    rows = [  # series, instance, x, y
+        (5, 1, 10.0, 12.0),  # fine
+        (5, 2, 10.0, 12.0),  # instance carried by two files
+        (5, 9, 10.0, 12.0),  # no such instance
+        (6, 1, 10.0, 12.0),  # no such series
+        (5, 1, -3.0, 12.0),  # outside the image: labels the slice, not the ROI
+    ]
+    coords = pd.DataFrame(
+        [(s, i, "left_subarticular_stenosis", "l4_l5", x, y, AXIAL_T2) for s, i, x, y in rows],
+        columns=["series_id", "instance_number", "condition", "level", "x", "y", "series_type"],
+    )
+    skipped: list[str] = []
+    series, points = labelled_series([feats], coords, 77, skipped)
+    assert len(points) == 1 and series[0].targets == {"l4_l5": [0, 0]}
+    assert len(skipped) == 4
+    assert "study 77 series 5 instance 2" in skipped[0] and "several files" in skipped[0]
+    assert "instance 9" in skipped[1] and "no readable file" in skipped[1]
+    assert "series 6" in skipped[2] and "no readable Axial T2 series" in skipped[2]
+    assert "outside the 48x48 image" in skipped[3]

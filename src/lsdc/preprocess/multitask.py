@@ -577,6 +577,8 @@ def axial_roi_from_coordinates(
                 except Exception:  # noqa: BLE001 - a missing file only loses one statistic
                     continue
             h = headers[path]
+            if not (-0.5 <= lab.x <= h.cols - 0.5 and -0.5 <= lab.y <= h.rows - 0.5):
+                continue  # a point off its image would drag the window (named in preprocessing)
             pts.append(canonical_axial_fraction(lab.x, lab.y, (h.rows, h.cols), h.orientation))
     if not pts:
         raise ValueError(f"{data_dir}: no readable axial coordinates to fit the axial ROI")

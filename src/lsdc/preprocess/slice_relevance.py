@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -650,24 +651,37 @@ class LabelledSeries:
 
 
 def labelled_series(
-    features: Sequence[SeriesFeatures], coords: pd.DataFrame, study_id: int
+    features: Sequence[SeriesFeatures],
+    coords: pd.DataFrame,
+    study_id: int,
+    skipped: list[str] | None = None,
 ) -> tuple[list[LabelledSeries], list[dict[str, float]]]:
     """Join one study's features with its coordinate rows.
 
     Returns the labelled series and, for the axial ROI statistics, the axial points as
     fractions of their slice's native image size, in the canonical axial frame. Rows whose
     instance is not in the series (the reader may have dropped a bad file) or is carried by
-    several slices (ambiguous) are skipped.
+    several slices (ambiguous) are skipped, and named in `skipped` when a list is given; points
+    outside their image still label their slice but stay out of the ROI statistics.
     """
     by_series = {f.series_id: f for f in features}
     out: dict[int, LabelledSeries] = {}
     axial_points: list[dict[str, float]] = []
     for row in coords.itertuples(index=False):
+        where = (
+            f"study {study_id} series {row.series_id} instance {row.instance_number} "
+            f"{row.condition} {row.level}"
+        )
         f = by_series.get(int(row.series_id))
         if f is None or f.series_type != row.series_type:
+            if skipped is not None:
+                skipped.append(f"{where}: no readable {row.series_type} series with this id")
             continue
         hits = np.flatnonzero(f.instance_numbers == int(row.instance_number))
         if hits.size != 1:
+            if skipped is not None:
+                what = "no readable file" if hits.size == 0 else "several files (duplicated)"
+                skipped.append(f"{where}: {what} with this instance number")
             continue
         idx = int(hits[0])
         ls = out.setdefault(
@@ -676,10 +690,14 @@ def labelled_series(
         )
         ls.targets.setdefault(task_of(f.series_type, row.condition, row.level), []).append(idx)
         if f.series_type == AXIAL_T2:
-            x, y = canonical_axial_fraction(
-                float(row.x), float(row.y), tuple(f.native_shapes[idx]), f.orientation
-            )
-            axial_points.append({"x": x, "y": y})
+            rows, cols = (int(v) for v in f.native_shapes[idx])
+            if -0.5 <= row.x <= cols - 0.5 and -0.5 <= row.y <= rows - 0.5:
+                x, y = canonical_axial_fraction(
+                    float(row.x), float(row.y), (rows, cols), f.orientation
+                )
+                axial_points.append({"x": x, "y": y})
+            elif skipped is not None:
+                skipped.append(f"{where}: point outside the {rows}x{cols} image (ROI statistics)")
     return list(out.values()), axial_points
 
 
@@ -939,15 +957,24 @@ def train_slice_relevance(
 
     series: list[LabelledSeries] = []
     axial_points: list[dict[str, float]] = []
+    skipped_coordinates: list[str] = []
     by_study = dict(iter(coords.groupby("study_id")))
     for sid in study_ids:
         if sid in report.failed:
             continue
-        ls, pts = labelled_series(load_cached_features(cache, sid), by_study[sid], sid)
+        ls, pts = labelled_series(
+            load_cached_features(cache, sid), by_study[sid], sid, skipped_coordinates
+        )
         series.extend(ls)
         axial_points.extend(pts)
     if not series:
         raise ValueError(f"{data_dir}: no labelled series could be read")
+    if skipped_coordinates:
+        print(
+            f"slice relevance: {len(skipped_coordinates)} coordinate rows skipped (listed in "
+            f"{out / 'report.json'}), e.g. {skipped_coordinates[0]}",
+            file=sys.stderr,
+        )
 
     rows, oof_slices = cross_validate(series, cfg, workers=workers, progress=progress)
     table = accuracy_table(rows)
@@ -966,6 +993,8 @@ def train_slice_relevance(
             "folds": cfg.folds,
             "feature_count": int(series[0].features.shape[1]),
             "failed_studies": {str(k): v for k, v in report.failed.items()},
+            # Coordinate rows that could not label a slice (or, outside the image, the ROI).
+            "skipped_coordinates": skipped_coordinates,
             "accuracy": table.to_dict(orient="records"),
         },
     )
