@@ -47,11 +47,7 @@ def preprocess(
     report = preprocess_dataset(
         data_dir, cache, split=split, workers=workers, overrides=overrides or [], **kwargs
     )
-    typer.echo(
-        f"{len(report.written)} written ({len(report.repaired)} of them replacing damaged "
-        f"files), {len(report.skipped)} already cached, "
-        f"{len(report.failed)} failed (see {cache / 'errors.jsonl'})"
-    )
+    typer.echo(report.summary(cache))
     if report.failed:
         raise typer.Exit(1)
 
@@ -257,6 +253,13 @@ def synth_cmd(
     preview: Annotated[
         bool, typer.Option(help="Also write OUT_DIR/preview.png (first study).")
     ] = False,
+    axial_flip: Annotated[
+        str,
+        typer.Option(
+            help="Store axial images mirrored, as some scanners do: none | rows (row direction "
+            "toward patient right) | cols (column direction toward anterior) | both."
+        ),
+    ] = "none",
 ) -> None:
     """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers)."""
     from lsdc.synth import generate_dataset
@@ -269,6 +272,7 @@ def synth_cmd(
         seed=seed,
         workers=workers,
         coords_fraction=coords_fraction,
+        axial_flip=axial_flip,
     )
     typer.echo(f"wrote {train_studies} train + {test_studies} test studies to {out}")
     if preview:

@@ -426,6 +426,12 @@ def fit(
             )
         if rep.failed:
             log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
+        if rep.warnings:
+            log(f"  {len(rep.warnings)} studies degraded ({stage}); listed in its warnings.jsonl")
+        if rep.left_out:
+            shown = ", ".join(f"{s} ({why})" for s, why in list(rep.left_out.items())[:3])
+            more = f" and {len(rep.left_out) - 3} more" if len(rep.left_out) > 3 else ""
+            log(f"  {len(rep.left_out)} studies left out ({stage}): {shown}{more}")
 
     def sr() -> None:
         if not (run_dir("sr") / "report.json").exists():
@@ -538,7 +544,18 @@ def predict(
     data, runs, out = Path(data_dir), Path(runs_dir), Path(out_csv)
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
+    if not (runs / ENSEMBLE_FILE).is_file():
+        raise FileNotFoundError(
+            f"{runs / ENSEMBLE_FILE}: no ensemble in this runs folder (lsdc fit stopped before "
+            "its ensemble stage; run the same lsdc fit again to finish it)"
+        )
     ens = load_ensemble(runs / ENSEMBLE_FILE)
+    # Every model's weights are loaded before any preprocessing, so a damaged or missing
+    # weights file is named at once, not after minutes of work.
+    predictors = {
+        name: Predictor.from_run(run, device=device, tta_flip=tta_flip, calibrate=False)
+        for name, run in zip(ens.models, ens.run_dirs(runs), strict=True)
+    }
     listed, lacking = input_problems(data, split)
     report_warnings = [
         {"study_id": sid, "model": "input", "problem": p}
@@ -553,7 +570,7 @@ def predict(
             work = Path(work_dir)
             work.mkdir(parents=True, exist_ok=True)
         probs, available, coords = [], [], None
-        for name, run in zip(ens.models, ens.run_dirs(runs), strict=True):
+        for name in ens.models:
             t0 = time.perf_counter()
             cache = work / f"{name}-{split}"
             log(f"[lsdc predict] {name}: preprocessing {len(listed)} studies")
@@ -583,12 +600,12 @@ def predict(
             for sid in listed:
                 if sid not in rep.failed and (cache / f"{sid}.npz").exists():
                     meta = load_npz_meta(cache / f"{sid}.npz")
-                    for err in meta.get("series_errors", meta.get("errors", [])):
+                    for err in meta.get("warnings", meta.get("series_errors", [])):
                         report_warnings.append({"study_id": sid, "model": name, "problem": err})
             seconds[f"{name} preprocess"] = round(time.perf_counter() - t0, 1)
             t0 = time.perf_counter()
             log(f"[lsdc predict] {name}: predicting")
-            predictor = Predictor.from_run(run, device=device, tta_flip=tta_flip, calibrate=False)
+            predictor = predictors[name]
             cached = [s for s in listed if s not in rep.failed and (cache / f"{s}.npz").exists()]
             p = np.full((len(listed), 25, 3), np.nan)
             seen = np.zeros(len(listed), bool)

@@ -201,6 +201,17 @@ def build_index(
             desc = descriptions.get(key) if descriptions is not None else None
             items.append((str(series_dir), key[0], key[1], desc))
     if descriptions is not None:
+        table = f"{split}_series_descriptions.csv"
+        listed_studies = {k[0] for k in descriptions}
+        for study_id in sorted({k[0] for k in seen} - listed_studies):
+            problems.append(
+                Problem(
+                    str(images / str(study_id)),
+                    f"{SKIP_UNLISTED_STUDY}: on disk but not in {table}; the sequence "
+                    "pipeline and predict leave it out (multitask types its series from DICOM "
+                    "tags, without labels unless train.csv has it)",
+                )
+            )
         for study_id, series_id in sorted(set(descriptions) - seen):
             problems.append(
                 Problem(
@@ -225,10 +236,114 @@ def build_index(
     # Completion order varies with workers; the outputs must not.
     rows.sort(key=lambda r: (r.study_id, r.series_id))
     problems.extend(sorted(series_problems, key=lambda p: (p.path, p.reason)))
+    if split == "train":
+        problems.extend(_check_labels(data_dir, rows, {k[0] for k in seen}, descriptions))
     result = IndexResult(rows=rows, problems=problems, split=split, data_dir=data_dir)
     result.seconds = time.perf_counter() - start
     result.counts = _counts(rows)
+    result.counts.update(_skip_counts(problems))
     return result
+
+
+# Problem reasons that mean data is silently left out downstream start with one of these, so
+# the summary can count each kind (`_skip_counts`).
+SKIP_UNLISTED_STUDY = "study not in descriptions table"
+SKIP_COORD_UNKNOWN_SERIES = "coordinate on unknown series"
+SKIP_COORD_OUTSIDE = "coordinate outside the image"
+SKIP_LABELLED_NO_IMAGES = "labelled study without images"
+SKIP_LABELLED_UNLISTED = "labelled study not in descriptions table"
+
+
+def _check_labels(
+    data_dir: Path,
+    rows: list[SeriesIndexRow],
+    on_disk: set[int],
+    descriptions: dict[tuple[int, int], str] | None,
+) -> list[Problem]:
+    """Coordinates that training would silently drop (on a series that is not there or not
+    readable, outside the image) and labelled studies that no pipeline reads, each named by
+    line or study."""
+    from lsdc.io.tables import read_coordinates, read_train_labels
+
+    problems: list[Problem] = []
+    labels_path = data_dir / "train.csv"
+    if labels_path.is_file():
+        try:
+            labelled = {int(s) for s in read_train_labels(labels_path)["study_id"]}
+        except Exception as exc:  # noqa: BLE001 - reported; the index itself is still useful
+            problems.append(Problem(str(labels_path), f"labels table unusable: {exc}"))
+            labelled = set()
+        listed = {k[0] for k in descriptions} if descriptions is not None else None
+        for sid in sorted(labelled):
+            if sid not in on_disk:
+                problems.append(
+                    Problem(f"{labels_path} study {sid}", f"{SKIP_LABELLED_NO_IMAGES}: not used")
+                )
+            elif listed is not None and sid not in listed:
+                problems.append(
+                    Problem(
+                        f"{labels_path} study {sid}",
+                        f"{SKIP_LABELLED_UNLISTED}: the sequence pipeline leaves it out",
+                    )
+                )
+    path = data_dir / "train_label_coordinates.csv"
+    if not path.is_file():
+        return problems
+    try:
+        coords = read_coordinates(path)
+    except Exception as exc:  # noqa: BLE001 - reported; the index itself is still useful
+        return [*problems, Problem(str(path), f"coordinates table unusable: {exc}")]
+    grid = {
+        (r.study_id, r.series_id): r
+        for r in rows
+        if r.error is None and r.rows is not None and r.cols is not None
+    }
+    for i, c in enumerate(coords.itertuples(index=False)):
+        where = (
+            f"{path} line {i + 2}",  # 1-based, after the header
+            f"study {c.study_id} series {c.series_id} instance {c.instance_number} "
+            f"{c.condition} {c.level}",
+        )
+        r = grid.get((int(c.study_id), int(c.series_id)))
+        if r is None:
+            problems.append(
+                Problem(where[0], f"{SKIP_COORD_UNKNOWN_SERIES}: {where[1]}: no readable series")
+            )
+            continue
+        if "mixed_sizes" in r.flags.split(";"):
+            continue  # the majority grid is not this instance's; read_series checks it
+        assert r.rows is not None and r.cols is not None
+        if not (-0.5 <= c.x <= r.cols - 0.5 and -0.5 <= c.y <= r.rows - 0.5):
+            problems.append(
+                Problem(
+                    where[0],
+                    f"{SKIP_COORD_OUTSIDE}: {where[1]}: ({c.x:g}, {c.y:g}) outside the "
+                    f"{r.rows}x{r.cols} image",
+                )
+            )
+    return problems
+
+
+_SKIP_KINDS = {
+    "empty series folder": lambda p: p.reason == "unusable series: no files",
+    "series without orientation/position/spacing": lambda p: (
+        any(
+            f"missing {t}" in p.reason
+            for t in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
+        )
+        and p.reason.startswith("unusable series")
+    ),
+    SKIP_UNLISTED_STUDY: lambda p: p.reason.startswith(SKIP_UNLISTED_STUDY),
+    SKIP_COORD_UNKNOWN_SERIES: lambda p: p.reason.startswith(SKIP_COORD_UNKNOWN_SERIES),
+    SKIP_COORD_OUTSIDE: lambda p: p.reason.startswith(SKIP_COORD_OUTSIDE),
+    SKIP_LABELLED_NO_IMAGES: lambda p: p.reason.startswith(SKIP_LABELLED_NO_IMAGES),
+    SKIP_LABELLED_UNLISTED: lambda p: p.reason.startswith(SKIP_LABELLED_UNLISTED),
+}
+
+
+def _skip_counts(problems: list[Problem]) -> dict[str, int]:
+    counts = {f"skip: {k}": sum(map(match, problems)) for k, match in _SKIP_KINDS.items()}
+    return {k: v for k, v in counts.items() if v}
 
 
 def _counts(rows: list[SeriesIndexRow]) -> dict[str, int]:
@@ -301,6 +416,9 @@ def format_summary(result: IndexResult, max_problems: int = 10) -> str:
     flags = sorted((k[6:], v) for k, v in c.items() if k.startswith("flag: "))
     if flags:
         lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in flags))
+    skips = [(k[6:], v) for k, v in c.items() if k.startswith("skip: ")]
+    if skips:
+        lines.append("left out downstream: " + ", ".join(f"{k} {v}" for k, v in skips))
     lines.append(
         f"bad files: {c.get('bad_files', 0)}; unusable series: {c.get('unusable_series', 0)}; "
         f"problems: {len(result.problems)}"

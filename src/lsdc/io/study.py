@@ -55,6 +55,31 @@ class Study:
         return {s.series_id: s.series_type for s in self.series}
 
 
+def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) -> list[str]:
+    """Why a study is degraded, one line each: a series folder that could not be read, a listed
+    series without folder, an unreadable file left out of a series, a series of no known type
+    (not used), a series type it lacks."""
+    from lsdc.constants import SERIES_TYPES
+
+    out = [f"series {e}" for e in study.errors]
+    read = {s.series_id for s in study.series}
+    failed = {e.split(":", 1)[0] for e in study.errors}
+    for sid in sorted(descriptions or {}):
+        if sid not in read and str(sid) not in failed:
+            out.append(f"series {sid}: listed in the descriptions table but has no folder")
+    for s in study.series:
+        for path, reason in s.skipped_files:
+            out.append(f"series {s.series_id}: file {Path(path).name} skipped ({reason})")
+        if s.series_type not in SERIES_TYPES:
+            out.append(
+                f"series {s.series_id}: no known series type (not in the descriptions table, "
+                f"SeriesDescription {s.description!r}); not used"
+            )
+    have = {s.series_type for s in study.series}
+    out += [f"no readable {t} series" for t in SERIES_TYPES if t not in have]
+    return out
+
+
 def _squash(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 

@@ -4,6 +4,8 @@ Layout of a cache folder:
   manifest.json   pipeline name, resolved configuration and its hash
   <study_id>.npz  one file per finished study (arrays + JSON meta), written atomically
   errors.jsonl    one line per study that failed in the latest run, with the reason
+  warnings.jsonl  one line per cached study that was built degraded (a series unreadable or
+                  missing, a coordinate dropped), with every reason; kept across reruns
 
 A rerun with the same configuration skips finished studies, so a killed run resumes where it
 stopped; a different configuration in the same folder is refused rather than mixed. What it
@@ -35,6 +37,7 @@ from lsdc.parallel import parallel_map
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+WARNINGS = "warnings.jsonl"
 
 StudyArrays = tuple[dict[str, np.ndarray], dict[str, Any]]
 
@@ -55,6 +58,35 @@ class CacheRunReport:
     failed: dict[int, str] = field(default_factory=dict)
     # Cached files found damaged, deleted and built again (study id -> what was wrong).
     repaired: dict[int, str] = field(default_factory=dict)
+    # Studies built, but degraded (study id -> reasons: the builder's meta["warnings"]), this run.
+    warnings: dict[int, list[str]] = field(default_factory=dict)
+    # Studies of the dataset the pipeline did not try (study id -> why), set by the pipeline.
+    left_out: dict[int, str] = field(default_factory=dict)
+
+    def summary(self, cache: str | Path, max_names: int = 5) -> str:
+        """What a preprocessing run did, with every kind of skip counted and the first few named."""
+        cache = Path(cache)
+        lines = [
+            f"{len(self.written)} written ({len(self.repaired)} of them replacing damaged "
+            f"files), {len(self.skipped)} already cached, "
+            f"{len(self.failed)} failed (see {cache / ERRORS})"
+        ]
+        if self.warnings:
+            lines.append(
+                f"{len(self.warnings)} studies degraded, "
+                f"{sum(map(len, self.warnings.values()))} warnings (see {cache / WARNINGS}):"
+            )
+            shown = [(sid, w) for sid, ws in sorted(self.warnings.items()) for w in ws]
+            lines += [f"  study {sid}: {w}" for sid, w in shown[:max_names]]
+            if len(shown) > max_names:
+                lines.append(f"  ... {len(shown) - max_names} more")
+        if self.left_out:
+            lines.append(f"{len(self.left_out)} studies left out:")
+            items = sorted(self.left_out.items())
+            lines += [f"  study {sid}: {why}" for sid, why in items[:max_names]]
+            if len(items) > max_names:
+                lines.append(f"  ... {len(items) - max_names} more")
+        return "\n".join(lines)
 
 
 class StudyCache:
@@ -147,12 +179,43 @@ class StudyCache:
         for out in parallel_map(task, todo, workers=workers, desc=desc, progress=progress):
             if out.ok:
                 report.written.append(out.item)
+                if out.result:
+                    report.warnings[out.item] = list(out.result)
             else:
                 report.failed[out.item] = out.error or "unknown error"
         lines = [json.dumps({"study_id": k, "error": v}) for k, v in sorted(report.failed.items())]
         atomic_write_text(self.root / ERRORS, "".join(line + "\n" for line in lines))
+        self._write_warnings(report)
         report.written.sort()
         return report
+
+    def _write_warnings(self, report: CacheRunReport) -> None:
+        # Studies skipped this run keep the warnings of the run that built them.
+        kept: dict[int, list[str]] = {}
+        path = self.root / WARNINGS
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    kept[int(entry["study_id"])] = list(entry["warnings"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a damaged line only loses an old note; this run rewrites the file
+        done = set(report.skipped)
+        merged = {k: v for k, v in kept.items() if k in done and self.has(k)}
+        merged.update(report.warnings)
+        lines = [json.dumps({"study_id": k, "warnings": v}) for k, v in sorted(merged.items())]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+    def warnings(self) -> dict[int, list[str]]:
+        """Study id -> the reasons it was built degraded, as recorded in `warnings.jsonl`."""
+        path = self.root / WARNINGS
+        if not path.exists():
+            return {}
+        out = {}
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            out[int(entry["study_id"])] = list(entry["warnings"])
+        return out
 
 
 @dataclass
@@ -165,6 +228,7 @@ class _BuildAndSave:
     config: dict[str, Any]
     build: Callable[[int], StudyArrays]
 
-    def __call__(self, study_id: int) -> None:
+    def __call__(self, study_id: int) -> list[str]:
         arrays, meta = self.build(study_id)
         StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)
+        return [str(w) for w in meta.get("warnings", [])]

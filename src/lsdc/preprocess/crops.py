@@ -12,11 +12,15 @@ Conventions (binding for every caller):
 
 Sagittal windows are found from the image itself (`sagittal_roi`); axial windows come from
 statistics of training coordinates (`AxialRoi`, saved as JSON with the run that fitted it).
+`AxialRoi` fractions are in the *canonical* axial frame (columns toward patient left, rows toward
+posterior, `canonical_flips`): real axial series may store rows or columns the other way, and
+fractions of the native image would then put the window on the mirrored side.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +44,46 @@ def _check_window(window: Window) -> tuple[int, int, int, int]:
     if y1 <= y0 or x1 <= x0:
         raise ValueError(f"empty crop window {window}")
     return y0, y1, x0, x1
+
+
+def canonical_flips(orientation: Sequence[float], series_type: str) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that bring an image into the canonical frame of its type:
+    axial columns -> +x (patient left), rows -> +y (posterior); sagittal columns -> +y
+    (posterior), rows -> -z (feet). `series_type` is compared with `constants.AXIAL_T2`."""
+    from lsdc.constants import AXIAL_T2
+
+    o = np.asarray(orientation, dtype=np.float64).reshape(6)
+    row_dir, col_dir = o[:3], o[3:]  # directions of growing column index / growing row index
+    if series_type == AXIAL_T2:
+        return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
+    return bool(col_dir[2] > 0), bool(row_dir[1] < 0)
+
+
+def flip_window(window: Window, shape_hw: tuple[int, int], flips: tuple[bool, bool]) -> Window:
+    """The same pixels' window after mirroring an image of `shape_hw` (rows, then columns); its
+    own inverse."""
+    y0, y1, x0, x1 = (int(v) for v in window)
+    h, w = shape_hw
+    if flips[0]:
+        y0, y1 = h - y1, h - y0
+    if flips[1]:
+        x0, x1 = w - x1, w - x0
+    return y0, y1, x0, x1
+
+
+def canonical_axial_fraction(
+    x: float, y: float, shape_hw: tuple[int, int], orientation: Sequence[float]
+) -> tuple[float, float]:
+    """A native axial pixel point -> x/y fractions of the image in the canonical frame (what
+    `fit_axial_roi` takes)."""
+    from lsdc.constants import AXIAL_T2
+
+    rows, cols = shape_hw
+    flip_rows, flip_cols = canonical_flips(orientation, AXIAL_T2)
+    # Pixel i mirrors to n - 1 - i (centres at integers), matching `flip_window`.
+    cx = (cols - 1 - x) if flip_cols else x
+    cy = (rows - 1 - y) if flip_rows else y
+    return float(cx) / cols, float(cy) / rows
 
 
 # --------------------------------------------------------------------------- coordinate mapping
@@ -244,14 +288,27 @@ class AxialRoi:
     half_height: float = 0.25  # half the window height, fraction of image height
     num_points: int = 0  # how many training points the statistics came from (0 = default)
 
-    def window(self, shape_hw: tuple[int, int], *, square: bool = True) -> Window:
+    def window(
+        self,
+        shape_hw: tuple[int, int],
+        *,
+        square: bool = True,
+        orientation: Sequence[float] | None = None,
+    ) -> Window:
         """The pixel window on an image of `shape_hw`; `square` keeps pixels undistorted by
-        taking the larger of the two sides."""
+        taking the larger of the two sides. Without `orientation` the image is taken to be in the
+        canonical frame already; with it (the native image's ImageOrientationPatient) the window
+        is mirrored onto the native image wherever its rows or columns run the other way."""
         h, w = shape_hw
         hh, ww = 2 * self.half_height * h, 2 * self.half_width * w
         if square:
             hh = ww = max(hh, ww)
-        return _fit_window(self.center_y * h, self.center_x * w, hh, ww, (h, w))
+        window = _fit_window(self.center_y * h, self.center_x * w, hh, ww, (h, w))
+        if orientation is None:
+            return window
+        from lsdc.constants import AXIAL_T2
+
+        return flip_window(window, (h, w), canonical_flips(orientation, AXIAL_T2))
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)

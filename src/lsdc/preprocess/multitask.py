@@ -23,6 +23,9 @@ Cache file of a study (`StudyCache`, pipeline "multitask"): for each crop key
   keypoints (K, 2) float32 crop x/y, NaN when missing    keypoint_mask (K,) bool (known and inside)
   keypoint_native (K, 2) float32 x/y on the series grid   keypoint_slice_offset (K,) int64
   window (4,) int64 y0 y1 x0 x1 on the series grid        volume_shape (3,) int64
+  flips (2,) bool: rows / columns of image, hires and keypoints mirrored into the canonical
+    axial frame (patient left on the right, posterior at the bottom; `crops.canonical_flips`),
+    so axial crops look alike whichever way the scanner stored them; sagittal crops: False
   positions (3, 3), orientations (3, 6), pixel_spacing (2,) float64: geometry of the 3 slices
   present () bool: False when the study lacks the series type (all arrays then zero / masked)
 plus `labels` (25,) int8 severity codes of the study (-1 = unlabelled; all -1 on the test split),
@@ -52,6 +55,8 @@ from lsdc.preprocess.cache import CacheRunReport, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
+    canonical_axial_fraction,
+    canonical_flips,
     crop_and_resize,
     fit_axial_roi,
     map_points_to_crop,
@@ -69,7 +74,10 @@ from lsdc.preprocess.slice_relevance import (
 PIPELINE = "multitask"
 # Layout version of the cache files; part of the configuration hash, so a cache written with
 # another layout is refused instead of mixed. Bump on any change of arrays or meta.
-CACHE_FORMAT = 2
+# 3: the axial window is mirrored onto series stored right-to-left or posterior-to-anterior
+# (AxialRoi fractions are canonical) and their crops are mirrored into the canonical frame
+# (`flips`), so crops of such series changed.
+CACHE_FORMAT = 3
 SOURCES = ("labelled", "oof", "predicted", "middle")
 
 
@@ -139,6 +147,7 @@ class TaskCrop:
     keypoint_slice_offset: np.ndarray  # (K,)
     window: tuple[int, int, int, int]
     volume_shape: tuple[int, int, int]
+    flips: tuple[bool, bool]  # crop rows / columns mirrored relative to the series grid
     positions: np.ndarray  # (3, 3) ImagePositionPatient of each slice
     orientations: np.ndarray  # (3, 6) ImageOrientationPatient of each slice
     pixel_spacing: np.ndarray  # (2,)
@@ -148,7 +157,13 @@ class TaskCrop:
         reader resampled the slice)."""
         from lsdc.preprocess.crops import map_points_from_crop
 
-        return map_points_from_crop(points_xy, self.window, self.image.shape[-2:])
+        h, w = self.image.shape[-2:]
+        pts = np.array(points_xy, dtype=np.float64).reshape(-1, 2)
+        if self.flips[1]:
+            pts[:, 0] = w - 1 - pts[:, 0]
+        if self.flips[0]:
+            pts[:, 1] = h - 1 - pts[:, 1]
+        return map_points_from_crop(pts, self.window, (h, w))
 
 
 def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[TaskCrop]:
@@ -182,6 +197,7 @@ def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[
                 keypoint_slice_offset=a("keypoint_slice_offset"),
                 window=tuple(int(v) for v in a("window")),  # type: ignore[arg-type]
                 volume_shape=tuple(int(v) for v in a("volume_shape")),  # type: ignore[arg-type]
+                flips=(bool(a("flips")[0]), bool(a("flips")[1])),
                 positions=a("positions"),
                 orientations=a("orientations"),
                 pixel_spacing=a("pixel_spacing"),
@@ -291,6 +307,15 @@ def _keypoints(
         except KeyError:
             dropped.append(f"{where} has no readable instance {lab.instance_number}")
             continue
+        shape = src.native_shapes[li] if src.native_shapes is not None else src.volume.shape[1:]
+        rows, cols = int(shape[0]), int(shape[1])
+        # Pixel centres are integers, so the image spans -0.5 .. n - 0.5.
+        if not (-0.5 <= lab.x <= cols - 0.5 and -0.5 <= lab.y <= rows - 0.5):
+            dropped.append(
+                f"{where}: point ({lab.x:g}, {lab.y:g}) lies outside the {rows}x{cols} image of "
+                f"instance {lab.instance_number}"
+            )
+            continue
         col, row = src.native_to_volume(li, lab.x, lab.y)
         if src is series:
             pts[k] = (col, row)
@@ -315,6 +340,7 @@ def _empty_crop(size: int, k: int, slices: int) -> dict[str, np.ndarray]:
         "keypoint_slice_offset": np.zeros(k, np.int64),
         "window": np.zeros(4, np.int64),
         "volume_shape": np.zeros(3, np.int64),
+        "flips": np.zeros(2, bool),
         "positions": np.zeros((slices, 3)),
         "orientations": np.zeros((slices, 6)),
         "pixel_spacing": np.zeros(2),
@@ -331,6 +357,25 @@ def _hires(stack: np.ndarray, window: tuple[int, int, int, int], max_side: int) 
     scale = min(1.0, max_side / max(y1 - y0, x1 - x0))
     shape = (max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale)))
     return crop_and_resize(stack, window, shape)
+
+
+def _mirror(
+    image: np.ndarray,
+    hires: np.ndarray,
+    pts: np.ndarray,
+    flips: tuple[bool, bool],
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacks (S, h, w) and crop points (K, 2) mirrored by `flips` (rows, columns); pixel i of
+    an n-pixel side goes to n - 1 - i, so points stay on their pixels."""
+    pts = pts.copy()
+    if flips[0]:
+        image, hires = image[:, ::-1], hires[:, ::-1]
+        pts[:, 1] = size - 1 - pts[:, 1]
+    if flips[1]:
+        image, hires = image[:, :, ::-1], hires[:, :, ::-1]
+        pts[:, 0] = size - 1 - pts[:, 0]
+    return np.ascontiguousarray(image), np.ascontiguousarray(hires), pts
 
 
 def build_study(
@@ -394,7 +439,7 @@ def build_study(
                 if sid not in norm_cache:
                     norm_cache[sid] = normalise_volume(series.volume)
                     window_cache[sid] = (
-                        axial_roi.window(series.volume.shape[1:])
+                        axial_roi.window(series.volume.shape[1:], orientation=series.orientation)
                         if st == AXIAL_T2
                         else sagittal_roi(series.volume, cfg.sagittal_roi)
                     )
@@ -407,6 +452,12 @@ def build_study(
                 for reason in lost:
                     print(f"study {study_id}: coordinate dropped, {reason}", file=sys.stderr)
                 pts, inside = map_points_to_crop(native, window, size)
+                flips = (
+                    canonical_flips(series.orientation, AXIAL_T2)
+                    if st == AXIAL_T2
+                    else (False, False)
+                )
+                image, hires, pts = _mirror(image, hires, pts, flips, size)
                 item.update(
                     image=np.clip(image, 0.0, 1.0).astype(np.float16),
                     hires=np.clip(hires, 0.0, 1.0).astype(np.float16),
@@ -418,6 +469,7 @@ def build_study(
                     keypoint_slice_offset=offsets,
                     window=np.asarray(window, np.int64),
                     volume_shape=np.asarray(series.volume.shape, np.int64),
+                    flips=np.asarray(flips, bool),
                     positions=series.positions[idx].astype(np.float64),
                     orientations=np.stack([series.slice_orientation(int(i)) for i in idx]),
                     pixel_spacing=np.asarray(series.pixel_spacing, np.float64),
@@ -432,12 +484,17 @@ def build_study(
         if severity is not None
         else np.full(len(TARGETS), -1, np.int8)
     )
+    from lsdc.io.study import study_warnings
+
+    warnings = study_warnings(study, descriptions)
+    warnings += [f"coordinate dropped: {reason}" for reason in dropped_labels]
     return arrays, {
         "study_id": int(study_id),
         "split": split,
         "crops": crops_meta,
         "series_errors": list(study.errors),
         "dropped_labels": dropped_labels,
+        "warnings": warnings,
     }
 
 
@@ -498,15 +555,15 @@ def axial_roi_from_coordinates(
     split: str = "train",
 ) -> AxialRoi:
     """Fit the `AxialRoi` to the axial label points of a dataset (default: its
-    `train_label_coordinates.csv`), reading each labelled image's size from its DICOM header
-    (one header per labelled file)."""
+    `train_label_coordinates.csv`), reading each labelled image's size and orientation from its
+    DICOM header (one header per labelled file); points are taken in the canonical frame."""
     from lsdc.io.dicom import read_header
 
     data_dir = Path(data_dir)
     if labels is None:
         labels = dataset_labels(str(data_dir))
     axial = {c for c, t in CONDITION_SERIES.items() if t == AXIAL_T2}
-    shapes: dict[Path, tuple[int, int]] = {}
+    headers: dict[Path, Any] = {}
     pts = []
     for sid, labs in labels.items():
         for lab in labs:
@@ -514,14 +571,15 @@ def axial_roi_from_coordinates(
                 continue
             path = data_dir / f"{split}_images" / str(sid) / str(lab.series_id)
             path = path / f"{lab.instance_number}.dcm"
-            if path not in shapes:
+            if path not in headers:
                 try:
-                    h = read_header(path)
+                    headers[path] = read_header(path)
                 except Exception:  # noqa: BLE001 - a missing file only loses one statistic
                     continue
-                shapes[path] = (h.rows, h.cols)
-            rows, cols = shapes[path]
-            pts.append((lab.x / cols, lab.y / rows))
+            h = headers[path]
+            if not (-0.5 <= lab.x <= h.cols - 0.5 and -0.5 <= lab.y <= h.rows - 0.5):
+                continue  # a point off its image would drag the window (named in preprocessing)
+            pts.append(canonical_axial_fraction(lab.x, lab.y, (h.rows, h.cols), h.orientation))
     if not pts:
         raise ValueError(f"{data_dir}: no readable axial coordinates to fit the axial ROI")
     return fit_axial_roi(np.asarray(pts))
@@ -608,7 +666,17 @@ def preprocess_dataset(
         from lsdc.preprocess.slice_relevance import fork_safe_workers
 
         workers = fork_safe_workers(workers, "multitask preprocessing")
-    return cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+    report = cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+    if study_ids is None and split == "train":
+        # Studies on disk are all tried; a labelled study without images or listing is not.
+        tried = set(ids)
+        report.left_out = {
+            sid: "labelled in train.csv but has no images and is not in "
+            "train_series_descriptions.csv"
+            for sid in sorted(map(int, dataset_severity(str(data_dir))))
+            if sid not in tried
+        }
+    return report
 
 
 def coordinate_table(cache: StudyCache | str | Path) -> pd.DataFrame:

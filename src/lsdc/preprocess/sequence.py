@@ -23,7 +23,7 @@ split=train, `labels` (25,) int8 (0/1/2, -1 = unlabelled).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,13 @@ import numpy as np
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS
 from lsdc.preprocess.cache import CacheRunReport, StudyArrays, StudyCache
-from lsdc.preprocess.crops import AxialRoi, SagittalRoiConfig, crop_and_resize, sagittal_roi
+from lsdc.preprocess.crops import (
+    AxialRoi,
+    SagittalRoiConfig,
+    canonical_flips,
+    crop_and_resize,
+    sagittal_roi,
+)
 
 PIPELINE = "sequence"
 
@@ -92,17 +98,6 @@ def sample_stack(
     t = (idx - lo).astype(np.float32)
     out = stack[lo] * (1 - t)[:, None, None] + stack[hi] * t[:, None, None]
     return out.astype(np.float32), idx, positions[lo] * (1 - t) + positions[hi] * t
-
-
-def canonical_flips(orientation: Sequence[float], series_type: str) -> tuple[bool, bool]:
-    """(flip rows, flip columns) that bring an image into the canonical frame of its type."""
-    o = np.asarray(orientation, dtype=np.float64).reshape(6)
-    row_dir, col_dir = o[:3], o[3:]  # directions of growing column index / growing row index
-    if series_type == AXIAL_T2:
-        # columns -> +x (patient left), rows -> +y (posterior)
-        return bool(col_dir[1] < 0), bool(row_dir[0] < 0)
-    # sagittal: columns -> +y (posterior), rows -> -z (feet)
-    return bool(col_dir[2] > 0), bool(row_dir[1] < 0)
 
 
 def ordering_axis(series_type: str) -> np.ndarray:
@@ -201,9 +196,15 @@ def process_type(
 
 
 def build_study_arrays(
-    study: Any, cfg: SequencePreprocessConfig, labels: Sequence[int] | None = None
+    study: Any,
+    cfg: SequencePreprocessConfig,
+    labels: Sequence[int] | None = None,
+    descriptions: Mapping[int, str] | None = None,
 ) -> StudyArrays:
-    """A `Study` (its series typed) -> cache arrays and meta (see module docstring)."""
+    """A `Study` (its series typed) -> cache arrays and meta (see module docstring); the meta's
+    `warnings` say why the study is degraded (`lsdc.io.study.study_warnings`)."""
+    from lsdc.io.study import study_warnings
+
     n, size = cfg.num_slices, cfg.size
     images = np.zeros((len(SERIES_TYPES), n, size, size), np.uint8)
     mask = np.zeros(len(SERIES_TYPES), bool)
@@ -212,6 +213,7 @@ def build_study_arrays(
         "study_id": int(study.study_id),
         "series": {},
         "errors": list(study.errors),
+        "warnings": study_warnings(study, descriptions),
     }
     for ti, series_type in enumerate(SERIES_TYPES):
         found = study.of_type(series_type)
@@ -263,7 +265,7 @@ class _StudyBuilder:
         labels = None
         if self.labels is not None:
             labels = self.labels.get(study_id, [-1] * len(TARGETS))
-        return build_study_arrays(study, self.cfg, labels)
+        return build_study_arrays(study, self.cfg, labels, self.descriptions.get(study_id, {}))
 
 
 def resolve_config(
@@ -325,7 +327,28 @@ def preprocess_dataset(
     cache = StudyCache(cache_dir, PIPELINE, config)
     ids = sorted(descriptions) if study_ids is None else [int(s) for s in study_ids]
     builder = _StudyBuilder(data_dir, split, cfg, descriptions, labels)
-    return cache.run(ids, builder, workers=workers, desc=f"sequence {split}", progress=progress)
+    report = cache.run(ids, builder, workers=workers, desc=f"sequence {split}", progress=progress)
+    if study_ids is None:
+        report.left_out = left_out_studies(data_dir, split, set(ids), labels)
+    return report
+
+
+def left_out_studies(
+    data_dir: Path, split: str, tried: set[int], labels: Mapping[int, Any] | None
+) -> dict[int, str]:
+    """Studies on disk or labelled that a run over `tried` never looks at, with why: the
+    pipelines take their study list from `<split>_series_descriptions.csv`."""
+    folder = data_dir / f"{split}_images"
+    table = f"{split}_series_descriptions.csv"
+    out: dict[int, str] = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) not in tried:
+                out[int(p.name)] = f"has images but is not in {table}"
+    for sid in labels or {}:
+        if int(sid) not in tried and int(sid) not in out:
+            out[int(sid)] = f"labelled in train.csv but has no images and is not in {table}"
+    return dict(sorted(out.items()))
 
 
 def plot_sequence_study(cache_dir: str | Path, study_id: int, out: str | Path) -> Path:

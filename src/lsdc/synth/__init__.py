@@ -75,6 +75,7 @@ def generate_dataset(
     workers: int = 1,
     coords_fraction: float = 0.7,
     progress: bool = True,
+    axial_flip: str = "none",
 ) -> Path:
     """Write a phantom dataset to `out_dir` (created) and return its path.
 
@@ -82,8 +83,14 @@ def generate_dataset(
     realism. `coords_fraction` is the share of train studies with coordinates. Same arguments ->
     byte-identical files, for any `workers`. A previous phantom in `out_dir` is replaced; any
     other non-empty folder raises FileExistsError. Raises RuntimeError naming the studies that
-    failed (after every other study is written).
+    failed (after every other study is written). `axial_flip` ("none", "rows", "cols", "both")
+    stores every axial series with its row direction toward patient right and/or its column
+    direction toward anterior: the same phantom, mirrored in its axial images.
     """
+    from lsdc.synth.acquire import AXIAL_FLIPS
+
+    if axial_flip not in AXIAL_FLIPS:
+        raise ValueError(f"axial_flip must be one of {AXIAL_FLIPS}, got {axial_flip!r}")
     if train_studies < 0 or test_studies < 0 or train_studies + test_studies == 0:
         raise ValueError("need at least one study (train_studies + test_studies > 0)")
     if size < 32:
@@ -100,7 +107,14 @@ def generate_dataset(
         coin = np.random.default_rng([int(seed), i, 6]).random()
         tasks.append(
             StudyTask(
-                str(out), int(seed), i, ids[i], split, int(size), bool(coin < coords_fraction)
+                str(out),
+                int(seed),
+                i,
+                ids[i],
+                split,
+                int(size),
+                bool(coin < coords_fraction),
+                axial_flip,
             )
         )
     results, failures = [], []
@@ -126,6 +140,7 @@ def generate_dataset(
                 "size": size,
                 "seed": seed,
                 "coords_fraction": coords_fraction,
+                **({"axial_flip": axial_flip} if axial_flip != "none" else {}),
             },
             indent=2,
             sort_keys=True,

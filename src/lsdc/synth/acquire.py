@@ -150,6 +150,9 @@ def _grid_positions(
     return centre - (cols / 2 - 0.5) * ps * r - (rows / 2 - 0.5) * ps * c
 
 
+AXIAL_FLIPS = ("none", "rows", "cols", "both")
+
+
 def sample_protocol(
     rng: np.random.Generator,
     ph: SpinePhantom,
@@ -158,12 +161,18 @@ def sample_protocol(
     *,
     axial_discs: list[int] | None = None,
     drop: str | None = None,
+    axial_flip: str = "none",
 ) -> list[SeriesSpec]:
     """Series of one study: Sagittal T1, Sagittal T2/STIR and one or two Axial T2.
 
     `size` is the sagittal matrix; axial is ~3/4 of it. `axial_discs` limits per-disc axial stacks
     (indices into anatomy.DISCS); `drop` omits one series type (a study lacking it).
+    `axial_flip` stores axial images the other way round, as some scanners do: "rows" makes the
+    row direction point to patient right, "cols" the column direction anterior, "both" both;
+    the anatomy and the random draws are unchanged (the image is the mirror of the default).
     """
+    if axial_flip not in AXIAL_FLIPS:
+        raise ValueError(f"axial_flip must be one of {AXIAL_FLIPS}, got {axial_flip!r}")
     p = ph.p
     small = size < 192
     f = float(np.clip(size / 256, 0.65, 1.0))
@@ -229,7 +238,13 @@ def sample_protocol(
             r = r - n_vec * np.dot(r, n_vec)
             r /= np.linalg.norm(r)
             r = _rot_about(n_vec, inplane) @ r
-            return r, np.cross(n_vec, r)
+            c = np.cross(n_vec, r)
+            # Same centre, mirrored axes: `_grid_positions` then images the same anatomy mirrored.
+            if axial_flip in ("rows", "both"):
+                r = -r
+            if axial_flip in ("cols", "both"):
+                c = -c
+            return r, c
 
         if mode == "per_disc":
             spacing = thick + rng.uniform(0, 0.6)

@@ -60,10 +60,17 @@ class PhantomStudy:
     dropped: str | None
 
 
-def build_study(seed: int, index: int, size: int, labels: np.ndarray | None = None) -> PhantomStudy:
+def build_study(
+    seed: int,
+    index: int,
+    size: int,
+    labels: np.ndarray | None = None,
+    axial_flip: str = "none",
+) -> PhantomStudy:
     """Labels, anatomy and series geometry of study `index` (no rendering, no I/O).
 
-    `labels` overrides the sampled labels (tests vary one label and diff the images).
+    `labels` overrides the sampled labels (tests vary one label and diff the images);
+    `axial_flip` is `acquire.sample_protocol`'s.
     """
     if labels is None:
         labels = sample_labels(_rng(seed, index, _LABELS))
@@ -91,7 +98,13 @@ def build_study(seed: int, index: int, size: int, labels: np.ndarray | None = No
         x = int(irng.integers(10_000_000, 2_000_000_000))
         ids = ids if x in ids else [*ids, x]
     specs = sample_protocol(
-        prng, ph, size, [int(x) for x in ids], axial_discs=discs or None, drop=dropped
+        prng,
+        ph,
+        size,
+        [int(x) for x in ids],
+        axial_discs=discs or None,
+        drop=dropped,
+        axial_flip=axial_flip,
     )
     return PhantomStudy(labels, narrowing, params, ph, specs, dropped)
 
@@ -145,11 +158,12 @@ class StudyTask:
     split: str  # train | test
     size: int
     with_coords: bool
+    axial_flip: str = "none"
 
 
 def make_study(task: StudyTask) -> dict:
     """Render and write one study's DICOM files; return its table rows and truth record."""
-    study = build_study(task.seed, task.index, task.size)
+    study = build_study(task.seed, task.index, task.size, axial_flip=task.axial_flip)
     volumes = render_study(study, task.seed, task.index)
     root = Path(task.out_dir) / f"{task.split}_images" / str(task.study_id)
     from lsdc.io.dicomwrite import write_slice

@@ -295,14 +295,41 @@ def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
+def _checkpoint_readable(path: Path) -> bool:
+    """Whether a resume checkpoint loads; a damaged one (a copy cut short, a full disk) is
+    named and deleted, and the fold starts again rather than dying in the unpickler."""
+    import sys
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load means the same: unusable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"{path}: damaged checkpoint ({type(exc).__name__}: {first}); "
+            "deleted, the fold trains from its start",
+            file=sys.stderr,
+        )
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def save_model_weights(model: nn.Module, path: str | Path) -> Path:
     from safetensors.torch import save_file
+
+    from lsdc.fileio import _umask
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp))
+        # safetensors creates 0600; run folders are meant to be shared as the umask allows.
+        tmp.chmod(0o666 & ~_umask())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -436,7 +463,7 @@ def _train_fold(
     train_dl = _loader(task.make_dataset(train_ids, True), cfg, task.collate, train=True)
     val_dl = _loader(task.make_dataset(val_ids, False), cfg, task.collate, train=False)
     last = ckpt_dir / "last.ckpt"
-    resume = last if last.exists() else None
+    resume = last if last.exists() and _checkpoint_readable(last) else None
     trainer.fit(lit, train_dl, val_dl, ckpt_path=resume, weights_only=True)
 
     best = ckpt_dir / "best.ckpt"

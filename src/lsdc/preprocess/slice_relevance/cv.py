@@ -12,6 +12,7 @@ import pandas as pd
 
 from lsdc.constants import AXIAL_T2, SERIES_TYPES
 from lsdc.parallel import parallel_map
+from lsdc.preprocess.crops import canonical_axial_fraction
 from lsdc.preprocess.slice_relevance.config import SliceRelevanceConfig
 from lsdc.preprocess.slice_relevance.features import SeriesFeatures
 from lsdc.preprocess.slice_relevance.models import (
@@ -60,23 +61,37 @@ class LabelledSeries:
 
 
 def labelled_series(
-    features: Sequence[SeriesFeatures], coords: pd.DataFrame, study_id: int
+    features: Sequence[SeriesFeatures],
+    coords: pd.DataFrame,
+    study_id: int,
+    skipped: list[str] | None = None,
 ) -> tuple[list[LabelledSeries], list[dict[str, float]]]:
     """Join one study's features with its coordinate rows.
 
     Returns the labelled series and, for the axial ROI statistics, the axial points as
-    fractions of their slice's native image size. Rows whose instance is not in the series (the
-    reader may have dropped a bad file) or is carried by several slices (ambiguous) are skipped.
+    fractions of their slice's native image size, in the canonical axial frame. Rows whose
+    instance is not in the series (the reader may have dropped a bad file) or is carried by
+    several slices (ambiguous) are skipped, and named in `skipped` when a list is given; points
+    outside their image still label their slice but stay out of the ROI statistics.
     """
     by_series = {f.series_id: f for f in features}
     out: dict[int, LabelledSeries] = {}
     axial_points: list[dict[str, float]] = []
     for row in coords.itertuples(index=False):
+        where = (
+            f"study {study_id} series {row.series_id} instance {row.instance_number} "
+            f"{row.condition} {row.level}"
+        )
         f = by_series.get(int(row.series_id))
         if f is None or f.series_type != row.series_type:
+            if skipped is not None:
+                skipped.append(f"{where}: no readable {row.series_type} series with this id")
             continue
         hits = np.flatnonzero(f.instance_numbers == int(row.instance_number))
         if hits.size != 1:
+            if skipped is not None:
+                what = "no readable file" if hits.size == 0 else "several files (duplicated)"
+                skipped.append(f"{where}: {what} with this instance number")
             continue
         idx = int(hits[0])
         ls = out.setdefault(
@@ -85,8 +100,14 @@ def labelled_series(
         )
         ls.targets.setdefault(task_of(f.series_type, row.condition, row.level), []).append(idx)
         if f.series_type == AXIAL_T2:
-            rows, cols = f.native_shapes[idx]
-            axial_points.append({"x": float(row.x) / cols, "y": float(row.y) / rows})
+            rows, cols = (int(v) for v in f.native_shapes[idx])
+            if -0.5 <= row.x <= cols - 0.5 and -0.5 <= row.y <= rows - 0.5:
+                x, y = canonical_axial_fraction(
+                    float(row.x), float(row.y), (rows, cols), f.orientation
+                )
+                axial_points.append({"x": x, "y": y})
+            elif skipped is not None:
+                skipped.append(f"{where}: point outside the {rows}x{cols} image (ROI statistics)")
     return list(out.values()), axial_points
 
 

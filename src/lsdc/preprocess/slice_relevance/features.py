@@ -21,6 +21,9 @@ from lsdc.preprocess.crops import (
 )
 
 FEATURE_PIPELINE = "slice-relevance-features"
+# Part of the feature cache's configuration hash: 2 added each series' orientation (the axial
+# ROI is fitted in the canonical frame), so caches without it are refused, not misread.
+FEATURE_CACHE_FORMAT = 2
 
 
 @dataclass
@@ -273,6 +276,7 @@ class SeriesFeatures:
     features: np.ndarray  # (S, F) float32
     instance_numbers: np.ndarray  # (S,) int64
     native_shapes: np.ndarray  # (S, 2) rows, cols of each slice's own file image
+    orientation: np.ndarray  # (6,) the series' ImageOrientationPatient (canonical ROI frame)
 
 
 def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
@@ -293,6 +297,7 @@ def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
         ),
         instance_numbers=np.asarray(series.instance_numbers, dtype=np.int64),
         native_shapes=np.asarray(shapes, dtype=np.int64),
+        orientation=np.asarray(series.orientation, dtype=np.float64),
     )
 
 
@@ -334,6 +339,7 @@ def _build_study_features(
         arrays[f"{f.series_id}__features"] = f.features
         arrays[f"{f.series_id}__instance_numbers"] = f.instance_numbers
         arrays[f"{f.series_id}__native_shapes"] = f.native_shapes
+        arrays[f"{f.series_id}__orientation"] = f.orientation
         series_meta.append({"series_id": f.series_id, "series_type": f.series_type})
     return arrays, {"study_id": int(study_id), "series": series_meta, "errors": study.errors}
 
@@ -348,6 +354,7 @@ def load_cached_features(cache: Any, study_id: int) -> list[SeriesFeatures]:
             features=arrays[f"{m['series_id']}__features"],
             instance_numbers=arrays[f"{m['series_id']}__instance_numbers"],
             native_shapes=arrays[f"{m['series_id']}__native_shapes"],
+            orientation=arrays[f"{m['series_id']}__orientation"],
         )
         for m in meta["series"]
     ]
@@ -368,6 +375,7 @@ def compute_features(
     from lsdc.preprocess.cache import StudyCache
 
     data_dir = Path(data_dir)
-    cache = StudyCache(cache_dir, FEATURE_PIPELINE, {"split": split, **config_to_dict(cfg)})
+    config = {"split": split, "format": FEATURE_CACHE_FORMAT, **config_to_dict(cfg)}
+    cache = StudyCache(cache_dir, FEATURE_PIPELINE, config)
     build = functools.partial(_build_study_features, data_dir=data_dir, split=split, cfg=cfg)
     return cache.run(study_ids, build, workers=workers, desc="slice features", progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +96,24 @@ def train_slice_relevance(
 
     series: list[LabelledSeries] = []
     axial_points: list[dict[str, float]] = []
+    skipped_coordinates: list[str] = []
     by_study = dict(iter(coords.groupby("study_id")))
     for sid in study_ids:
         if sid in report.failed:
             continue
-        ls, pts = labelled_series(load_cached_features(cache, sid), by_study[sid], sid)
+        ls, pts = labelled_series(
+            load_cached_features(cache, sid), by_study[sid], sid, skipped_coordinates
+        )
         series.extend(ls)
         axial_points.extend(pts)
     if not series:
         raise ValueError(f"{data_dir}: no labelled series could be read")
+    if skipped_coordinates:
+        print(
+            f"slice relevance: {len(skipped_coordinates)} coordinate rows skipped (listed in "
+            f"{out / 'report.json'}), e.g. {skipped_coordinates[0]}",
+            file=sys.stderr,
+        )
 
     cv = cross_validate(series, cfg, workers=workers, progress=progress)
     table = accuracy_table(cv.rows)
@@ -123,6 +133,8 @@ def train_slice_relevance(
             "folds": cfg.folds,
             "feature_count": int(series[0].features.shape[1]),
             "failed_studies": {str(k): v for k, v in report.failed.items()},
+            # Coordinate rows that could not label a slice (or, outside the image, the ROI).
+            "skipped_coordinates": skipped_coordinates,
             "accuracy": table.to_dict(orient="records"),
             "vote_steps": cfg.vote_steps,
             "vote_weights": {st: m.weights for st, m in final.items()},

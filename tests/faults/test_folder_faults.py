@@ -1,0 +1,103 @@
+"""Folder faults: empty, missing or extra folders and stray files are named by `lsdc index`,
+counted among what is left out downstream, and reported by preprocessing; other studies go on."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+from lsdc.constants import AXIAL_T2, SAGITTAL_T1
+
+
+def test_empty_series_folder(fx: ModuleType, data: Path, tmp_path: Path) -> None:
+    study = fx.studies(data)[0]
+    folder = fx.series_dir(data, study, SAGITTAL_T1)
+    for p in fx.dcm_files(folder):
+        p.unlink()
+    result = fx.index(data)
+    assert fx.problems_about(result, f"{folder}: unusable series: no files")
+    assert result.counts["skip: empty series folder"] == 1
+
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    # Before: "0 failed" and nothing else. Now the study is cached, degraded, and says why.
+    assert rep.failed == {} and rep.written == fx.studies(data)
+    assert any(f"series {folder.name}" in w and "no files" in w for w in rep.warnings[study])
+    assert "1 studies degraded" in rep.summary(tmp_path / "cache")
+    fx.no_partial_files(tmp_path)
+
+
+def test_missing_series_folder(fx: ModuleType, data: Path, tmp_path: Path) -> None:
+    study = fx.studies(data)[1]
+    folder = fx.series_dir(data, study, AXIAL_T2)
+    shutil.rmtree(folder)
+    assert fx.problems_about(fx.index(data), f"{folder}: listed in the descriptions table")
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert rep.failed == {} and rep.written == fx.studies(data)
+    text = " ".join(rep.warnings[study])
+    assert f"series {folder.name}: listed in the descriptions table but has no folder" in text
+    assert f"no readable {AXIAL_T2} series" in text
+    fx.no_partial_files(tmp_path)
+
+
+def test_study_on_disk_but_not_in_the_descriptions_table(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    src = data / "train_images" / str(fx.studies(data)[0])
+    extra = data / "train_images" / "123456"
+    shutil.copytree(src, extra)
+    result = fx.index(data)
+    assert fx.problems_about(result, f"{extra}: study not in descriptions table")
+    assert result.counts["skip: study not in descriptions table"] == 1
+
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert rep.written == fx.studies(data) and 123456 not in rep.written
+    assert "not in train_series_descriptions.csv" in rep.left_out[123456]
+    assert "study 123456: has images" in rep.summary(tmp_path / "cache")
+    fx.no_partial_files(tmp_path)
+
+
+def test_labelled_study_without_images(fx: ModuleType, data: Path, tmp_path: Path) -> None:
+    gone = fx.studies(data)[2]
+    shutil.rmtree(data / "train_images" / str(gone))
+    result = fx.index(data)
+    assert fx.problems_about(result, f"study {gone}: labelled study without images")
+    assert fx.problems_about(result, f"{gone}/")  # each listed series: "has no folder"
+
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert f"study {gone} has no folder" in rep.failed[gone]
+    assert rep.written == [s for s in fx.studies(data) if s != gone]
+    assert str(gone) in (tmp_path / "cache" / "errors.jsonl").read_text()
+    fx.no_partial_files(tmp_path)
+
+
+def test_stray_files_and_folders(fx: ModuleType, data: Path, tmp_path: Path) -> None:
+    study = fx.studies(data)[0]
+    folder = fx.series_dir(data, study, SAGITTAL_T1)
+    (folder / "notes.txt").write_text("scanner notes\n")
+    (folder / ".DS_Store").write_bytes(b"\0\1")  # hidden: ignored
+    (data / "train_images" / "thumbs").mkdir()
+    (data / "train_images" / "README").write_text("copied from a share\n")
+
+    result = fx.index(data)
+    assert fx.problems_about(result, f"{folder / 'notes.txt'}: ")
+    assert not fx.problems_about(result, ".DS_Store")
+    assert fx.problems_about(result, "thumbs: not a <study_id> folder")
+    assert fx.problems_about(result, "README: not a <study_id> folder")
+
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert rep.failed == {} and rep.written == fx.studies(data)
+    assert any("notes.txt" in w for w in rep.warnings[study])
+    fx.no_partial_files(tmp_path)
+
+
+def test_study_folder_without_series(fx: ModuleType, data: Path, tmp_path: Path) -> None:
+    study = fx.studies(data)[1]
+    folder = data / "train_images" / str(study)
+    shutil.rmtree(folder)
+    folder.mkdir()
+    assert fx.problems_about(fx.index(data), f"{folder}: study has no series folder")
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert "has no series folder" in rep.failed[study]
+    assert rep.written == [s for s in fx.studies(data) if s != study]
+    fx.no_partial_files(tmp_path)
