@@ -19,3 +19,44 @@ def test_serial_and_parallel_agree_and_failures_are_isolated():
 
 def test_empty_input():
     assert list(parallel_map(_square_or_fail, [], workers=2, progress=False)) == []
+
+
+def _xgboost_predicts(seed: int) -> float:
+    import numpy as np
+    import xgboost as xgb
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(200, 8)), rng.integers(0, 2, 200)
+    model = xgb.XGBClassifier(n_estimators=5, n_jobs=2).fit(x, y)
+    return float(model.predict_proba(x)[:, 1].mean())
+
+
+_AFTER_OPENMP = """
+import torch
+from lsdc.parallel import parallel_map
+from tests.test_parallel import _xgboost_predicts
+
+torch.set_num_threads(2)
+torch.ones(256, 256) @ torch.ones(256, 256)  # torch's OpenMP pool is up in this process
+_xgboost_predicts(0)  # and XGBoost's
+outs = list(parallel_map(_xgboost_predicts, [1, 2, 3], workers=2, progress=False))
+assert all(o.ok for o in outs), [o.error for o in outs]
+print("ok")
+"""
+
+
+def test_a_pool_after_torch_and_xgboost_ran_here_does_not_hang():
+    # Forked from such a process, a worker hung for ever at its first OpenMP region (it did,
+    # in `lsdc demo`'s predict after fit). Run in a fresh interpreter under a timeout, so a
+    # regression fails instead of hanging the suite.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _AFTER_OPENMP], cwd=root, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

@@ -23,6 +23,7 @@ TINY = [
     "multitask.model.window_px=16",
     "sequence_cache.size=32",
     "sr.steps=5",
+    "multitask.model.upsample=sr",  # the SR stage and its relative sr_run path
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -56,8 +57,9 @@ def parallel_map(
 ) -> Iterator[Outcome[T, R]]:
     """Apply `fn` to every item, yielding an `Outcome` per item as it completes.
 
-    `workers` > 1 uses processes (`fn` and items must pickle); at most 2x`workers` items are in
-    flight so memory stays bounded on big datasets. Order of outcomes is completion order.
+    `workers` > 1 uses processes started by a fork server (`fn` and items must pickle, so
+    `fn` is a module-level function or a `functools.partial` of one); at most 2x`workers` items
+    are in flight so memory stays bounded on big datasets. Order of outcomes is completion order.
     """
     items = list(items)
     workers = max(1, min(int(workers), len(items) or 1, os.cpu_count() or 1))
@@ -69,7 +71,11 @@ def parallel_map(
                 bar.advance(task)
                 yield out
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # forkserver, not fork: a child forked from a process whose OpenMP runtime already ran
+        # (torch, XGBoost) can hang for ever at its first parallel region. Workers fork from a
+        # clean server process instead; `fn` and items travel by pickle either way.
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             pending: set[Future[Outcome[T, R]]] = set()
             queue = iter(items)
             for item in queue:

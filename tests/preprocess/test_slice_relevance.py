@@ -138,16 +138,6 @@ def test_untrusted_skops_types_are_refused(tmp_path):
         load_skops(path)
 
 
-def test_pools_after_xgboost_in_this_process_run_in_one_process(trained_run):
-    from lsdc.preprocess.slice_relevance import fork_safe_workers
-
-    _, out, _ = trained_run
-    load_models(out / "models" / "sagittal_t1")  # XGBoost has now run in this process
-    with pytest.warns(RuntimeWarning, match="OpenMP"):
-        assert fork_safe_workers(2, "test") == 1
-    assert fork_safe_workers(1, "test") == 1
-
-
 def test_run_axial_roi_matches_the_dataset_statistics(trained_run):
     from lsdc.preprocess.crops import AxialRoi
     from lsdc.preprocess.multitask import axial_roi_from_coordinates

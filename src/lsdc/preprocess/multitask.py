@@ -662,10 +662,6 @@ def preprocess_dataset(
         relevance_run=run,
         cfg=cfg,
     )
-    if run is not None:
-        from lsdc.preprocess.slice_relevance import fork_safe_workers
-
-        workers = fork_safe_workers(workers, "multitask preprocessing")
     report = cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.

@@ -63,7 +63,6 @@ from lsdc.preprocess.slice_relevance.models import (
     SeriesTypeModels,
     fit_member,
     fit_series_type,
-    fork_safe_workers,
     soft_vote,
 )
 from lsdc.preprocess.slice_relevance.persist import (
@@ -127,7 +126,6 @@ __all__ = [
     "fit_axial_roi_from_points",
     "fit_member",
     "fit_series_type",
-    "fork_safe_workers",
     "format_table",
     "labelled_series",
     "load_axial_roi",

@@ -19,7 +19,6 @@ from lsdc.preprocess.slice_relevance.models import (
     ModelConfig,
     SeriesTypeModels,
     fit_series_type,
-    fork_safe_workers,
     soft_vote,
 )
 from lsdc.preprocess.slice_relevance.tasks import (
@@ -224,7 +223,6 @@ def _run_jobs(
     progress: bool = True,
 ) -> dict[tuple[str, int], Any]:
     fn = functools.partial(_run_fit_job, cfg=cfg.models, seed=cfg.seed, names=tuple(names))
-    workers = fork_safe_workers(workers, desc)
     results: dict[tuple[str, int], Any] = {}
     for out in parallel_map(fn, jobs, workers=workers, desc=desc, progress=progress):
         if not out.ok:

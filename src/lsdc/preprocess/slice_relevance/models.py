@@ -14,32 +14,6 @@ from lsdc.preprocess.slice_relevance.tasks import (
     tasks_for,
 )
 
-# XGBoost's OpenMP runtime is not fork-safe: once a process has run XGBoost, a forked child
-# (lsdc.parallel uses fork on Linux) that runs XGBoost again can hang for ever. Pools whose
-# workers run XGBoost therefore check this flag (`fork_safe_workers`).
-_XGBOOST_RAN_HERE = False
-
-
-def _xgboost_runs_here() -> None:
-    global _XGBOOST_RAN_HERE
-    _XGBOOST_RAN_HERE = True
-
-
-def fork_safe_workers(workers: int, what: str) -> int:
-    """`workers`, or 1 (with a warning) when this process has already run XGBoost, so that a
-    pool of forked workers running XGBoost cannot deadlock. Results are the same either way."""
-    if workers > 1 and _XGBOOST_RAN_HERE:
-        import warnings
-
-        warnings.warn(
-            f"{what}: this process already ran XGBoost, whose OpenMP runtime hangs in forked "
-            "workers; running in 1 process (start a fresh process to use more)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return 1
-    return workers
-
 
 @dataclass
 class ModelConfig:
@@ -167,7 +141,6 @@ def fit_member(
         with sklearn.config_context(enable_metadata_routing=True):
             model.fit(x, y, groups=groups)
     elif name == "xgboost":
-        _xgboost_runs_here()
         model.fit(x, y, sample_weight=_balanced_weights(y))
     else:
         model.fit(x, y)
@@ -223,8 +196,6 @@ class SeriesTypeModels:
     def predict_proba(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Per model and for the ensemble: (N, 1 + num tasks) probabilities."""
         k = 1 + len(self.tasks)
-        if "xgboost" in self.models:
-            _xgboost_runs_here()
         out = {n: _proba(m, x, self.classes, k) for n, m in self.models.items()}
         out[ENSEMBLE] = self._vote(out)
         return out
@@ -234,8 +205,6 @@ class SeriesTypeModels:
         but without running the members whose vote weight is 0."""
         k = 1 + len(self.tasks)
         voting = [n for n in self.models if self.weights[n] != 0]
-        if "xgboost" in voting:
-            _xgboost_runs_here()
         return self._vote({n: _proba(self.models[n], x, self.classes, k) for n in voting})
 
     def _vote(self, proba: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lsdc.fileio import atomic_write_json
-from lsdc.preprocess.slice_relevance.models import SeriesTypeModels, _xgboost_runs_here
+from lsdc.preprocess.slice_relevance.models import SeriesTypeModels
 
 # Types beyond skops' default-trusted set (scikit-learn estimators, numpy and builtins) that the
 # model files of this package contain. A file asking for any other type is refused at load time.
@@ -83,7 +83,6 @@ def load_models(folder: str | Path) -> SeriesTypeModels:
         if name == "xgboost":
             from xgboost import XGBClassifier
 
-            _xgboost_runs_here()
             model = XGBClassifier()
             model.load_model(folder / file)
         else:
