@@ -26,19 +26,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUICK_FIT = [
-    "relevance.folds=2",
-    "multitask.engine.epochs=3",
-    "sequence.engine.epochs=3",
-    "multitask.model.backbone=test_convnext",
-    "sequence.model.backbone=test_convnext",
-    "multitask.data.input.sagittal_size=32",
-    "multitask.data.input.axial_size=32",
-    "multitask.model.window_px=16",
-    "sequence_cache.size=32",
-    "sr.steps=20",
-]
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -63,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = DemoConfig(workers=args.workers, seed=args.seed, preset=args.preset)
     if args.quick:
-        cfg.train_studies, cfg.test_studies, cfg.size, cfg.fit = 16, 4, 64, list(QUICK_FIT)
+        cfg.train_studies, cfg.test_studies, cfg.size, cfg.preset = 16, 4, 64, "tiny"
     for name in ("train_studies", "test_studies", "size"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -8,23 +8,10 @@ import pytest
 from lsdc.demo import DemoConfig, run_demo
 from lsdc.inference.submission import validate_submission_file
 
-TINY_FIT = [
-    "relevance.folds=2",
-    "multitask.engine.epochs=3",
-    "sequence.engine.epochs=3",
-    "multitask.model.backbone=test_convnext",
-    "sequence.model.backbone=test_convnext",
-    "multitask.data.input.sagittal_size=32",
-    "multitask.data.input.axial_size=32",
-    "multitask.model.window_px=16",
-    "sequence_cache.size=32",
-    "sr.steps=20",
-]
-
 
 @pytest.mark.slow
 def test_tiny_demo_beats_uniform_and_reports_every_picture(tmp_path):
-    cfg = DemoConfig(train_studies=16, test_studies=4, size=64, workers=1, fit=TINY_FIT)
+    cfg = DemoConfig(train_studies=16, test_studies=4, size=64, workers=1, preset="tiny")
     lines: list[str] = []
     report = run_demo(tmp_path, cfg, log=lines.append)
 

@@ -13,16 +13,8 @@ from lsdc.pipeline import PLAN_FILE, make_plan, predict, stages_of
 from lsdc.synth import generate_dataset
 
 TINY = [
-    "relevance.folds=2",
     "multitask.engine.epochs=1",
     "sequence.engine.epochs=1",
-    "multitask.model.backbone=test_convnext",
-    "sequence.model.backbone=test_convnext",
-    "multitask.data.input.sagittal_size=32",
-    "multitask.data.input.axial_size=32",
-    "multitask.model.window_px=16",
-    "sequence_cache.size=32",
-    "sr.steps=5",
     "multitask.model.upsample=sr",  # the SR stage and its relative sr_run path
 ]
 
@@ -44,7 +36,7 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     data = root / "data"
     generate_dataset(data, train_studies=10, test_studies=3, size=64, seed=3, workers=1)
-    code = _cli(["fit", str(data), "--out", str(root / "runs"), "--preset", "demo", *TINY])
+    code = _cli(["fit", str(data), "--out", str(root / "runs"), "--preset", "tiny", *TINY])
     assert code == 0
     return root
 
@@ -61,7 +53,7 @@ def _cli(args: list[str]) -> int:
 def test_fit_writes_a_portable_runs_folder_that_predicts_from_raw_dicom(fitted, tmp_path, capsys):
     data, runs = fitted / "data", fitted / "runs"
     fit_json = json.loads((runs / "fit.json").read_text())
-    assert set(fit_json["seconds"]) == set(stages_of(make_plan("demo", overrides=TINY)))
+    assert set(fit_json["seconds"]) == set(stages_of(make_plan("tiny", overrides=TINY)))
     assert "ensemble" in fit_json and (runs / "ensemble.json").exists()
     log = (runs / "fit.log").read_text()
     assert "GPU available" in log  # Lightning's banner went to the log...
@@ -86,9 +78,9 @@ def test_fit_writes_a_portable_runs_folder_that_predicts_from_raw_dicom(fitted, 
 def test_fit_resumes_and_refuses_other_settings_for_finished_stages(fitted, capsys):
     data, runs = fitted / "data", fitted / "runs"
     plan = (runs / PLAN_FILE).read_text()
-    assert _cli(["fit", str(data), "--out", str(runs), "--preset", "demo", *TINY]) == 0
+    assert _cli(["fit", str(data), "--out", str(runs), "--preset", "tiny", *TINY]) == 0
     assert (runs / PLAN_FILE).read_text() == plan
-    code = _cli(["fit", str(data), "--out", str(runs), "--preset", "demo", *TINY,
+    code = _cli(["fit", str(data), "--out", str(runs), "--preset", "tiny", *TINY,
                  "sequence.engine.epochs=7"])  # fmt: skip
     assert code == 1
     assert "other settings for sequence" in capsys.readouterr().err

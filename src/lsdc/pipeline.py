@@ -89,6 +89,30 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         ],
         "ensemble": [],
     },
+    # Seconds a stage on a 64-px phantom of a dozen studies: proves the wiring (tests, smoke
+    # runs), not the quality.
+    "tiny": {
+        "relevance": ["folds=2"],
+        "multitask_cache": [],
+        "sequence_cache": ["size=32"],
+        "sr": ["steps=20", "channels=8", "num_blocks=1", "batch_size=8", "patch=16"],
+        "multitask": [
+            "engine.folds=2",
+            "engine.epochs=3",
+            "model.backbone=test_convnext",
+            "data.input.sagittal_size=32",
+            "data.input.axial_size=32",
+            "model.window_px=16",
+            "engine.progress_bar=false",
+        ],
+        "sequence": [
+            "engine.folds=2",
+            "engine.epochs=3",
+            "model.backbone=test_convnext",
+            "engine.progress_bar=false",
+        ],
+        "ensemble": [],
+    },
     # A CPU machine on a real-size dataset: small backbones, moderate inputs.
     "cpu": {
         "relevance": [],

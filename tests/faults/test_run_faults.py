@@ -19,16 +19,8 @@ from lsdc.inference.submission import validate_submission_file
 from lsdc.pipeline import predict
 
 TINY = [
-    "relevance.folds=2",
     "multitask.engine.epochs=1",
     "sequence.engine.epochs=1",
-    "multitask.model.backbone=test_convnext",
-    "sequence.model.backbone=test_convnext",
-    "multitask.data.input.sagittal_size=32",
-    "multitask.data.input.axial_size=32",
-    "multitask.model.window_px=16",
-    "sequence_cache.size=32",
-    "sr.steps=5",
 ]
 
 
@@ -36,7 +28,7 @@ def _fit(data: Path, runs: Path) -> list[str]:
     from lsdc.pipeline import fit
 
     lines: list[str] = []
-    fit(data, runs, preset="demo", overrides=TINY, log=lines.append, progress=False)
+    fit(data, runs, preset="tiny", overrides=TINY, log=lines.append, progress=False)
     return lines
 
 
