@@ -25,17 +25,13 @@ import numpy as np
 import pandas as pd
 
 from lsdc.constants import (
-    CONDITION_GROUP,
-    CONDITIONS,
-    LEVELS,
-    METRIC_GROUPS,
     PROB_COLUMNS,
     SEVERITIES,
     TARGETS,
     parse_row_id,
 )
 from lsdc.io.tables import read_submission, read_train_labels
-from lsdc.metrics import SCORE_KEYS, labels_array, score_arrays, submission_array
+from lsdc.metrics import GROUP_TARGETS, SCORE_KEYS, labels_array, score_arrays, submission_array
 
 __all__ = [
     "BASELINES",
@@ -57,17 +53,6 @@ PRIOR, WEIGHTED, UNIFORM, ORACLE = "class prior", "weighted prior", "uniform", "
 BASELINES: tuple[str, ...] = (PRIOR, WEIGHTED, UNIFORM, ORACLE)
 
 Predictions = Mapping[str, tuple[np.ndarray, np.ndarray]]
-
-# Target indices (condition-major, as TARGETS) of each metric group.
-_GROUP_TARGETS: dict[str, list[int]] = {
-    g: [
-        ci * len(LEVELS) + li
-        for ci, c in enumerate(CONDITIONS)
-        if CONDITION_GROUP[c] == g
-        for li in range(len(LEVELS))
-    ]
-    for g in METRIC_GROUPS
-}
 
 
 def ratio(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
@@ -124,7 +109,7 @@ def oracle_probs(data_dir: str | Path, study_ids: Sequence[int]) -> np.ndarray |
     x_train = np.stack([fractions[int(s)] for s in ids])
     x_test = np.stack([fractions[int(s)] for s in study_ids]).reshape(len(study_ids), -1)
     out = np.zeros((len(study_ids), labels.shape[1], len(SEVERITIES)))
-    for idx in _GROUP_TARGETS.values():
+    for idx in GROUP_TARGETS.values():
         f, y = x_train[:, idx].ravel(), labels[:, idx].ravel()
         keep = y >= 0
         # The quadratic term lets one model place both class boundaries (1/3 and 2/3 loss).
@@ -288,7 +273,7 @@ def confusion_matrices(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.nd
     predicted = np.asarray(probs).argmax(axis=-1)
     k = len(SEVERITIES)
     out: dict[str, np.ndarray] = {}
-    for group, idx in _GROUP_TARGETS.items():
+    for group, idx in GROUP_TARGETS.items():
         y, p = labels[:, idx].ravel(), predicted[:, idx].ravel()
         keep = y >= 0
         out[group] = np.bincount(y[keep] * k + p[keep], minlength=k * k).reshape(k, k)

@@ -62,7 +62,7 @@ SCORE_KEYS: tuple[str, ...] = (*METRIC_GROUPS, "any_severe_spinal", "score")
 _SEVERE = SEVERITY_INDEX["Severe"]
 _WEIGHTS = np.asarray(SEVERITY_WEIGHTS, dtype=np.float64)
 # Column indices into TARGETS (condition-major: index = condition * 5 + level) of each group.
-_GROUP_TARGETS: dict[str, np.ndarray] = {
+GROUP_TARGETS: dict[str, np.ndarray] = {
     g: np.asarray(
         [
             ci * len(LEVELS) + li
@@ -73,7 +73,7 @@ _GROUP_TARGETS: dict[str, np.ndarray] = {
     )
     for g in METRIC_GROUPS
 }
-_SPINAL_TARGETS = _GROUP_TARGETS["spinal"]
+_SPINAL_TARGETS = GROUP_TARGETS["spinal"]
 
 
 class MetricError(ValueError):
@@ -156,7 +156,7 @@ def score_arrays(
 
     result: dict[str, float] = {}
     for group in METRIC_GROUPS:
-        cols = _GROUP_TARGETS[group]
+        cols = GROUP_TARGETS[group]
         mask = labelled[:, cols]
         y = labels[:, cols][mask]
         result[group] = weighted_log_loss(y, norm[:, cols][mask], _WEIGHTS[y])
