@@ -387,7 +387,9 @@ def predict_cmd(
 def fit_cmd(
     data_dir: Annotated[Path, typer.Argument(help="RSNA-format data folder (train split).")],
     out: Annotated[Path, typer.Option(help="Runs folder to write (resumed when it exists).")],
-    preset: Annotated[str, typer.Option(help="demo | cpu | gpu: model sizes and epochs.")] = "cpu",
+    preset: Annotated[
+        str, typer.Option(help="demo | tiny | cpu | gpu: model sizes, epochs.")
+    ] = "cpu",
     models: Annotated[str, typer.Option(help="Comma-separated families.")] = "multitask,sequence",
     work: Annotated[
         Path | None, typer.Option(help="Training caches here (default RUNS/cache).")

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lsdc.fileio import atomic_write_json
 
 
@@ -60,15 +62,19 @@ def _phantom_matches(data: Path, cfg: DemoConfig) -> bool:
     return all(args.get(k) == v for k, v in wanted.items())
 
 
-def _model_test_probs(runs: Path, work: Path, models: list[str]) -> dict[str, tuple]:
-    """Each model's own test predictions (its run's calibration applied), from the caches that
-    `predict` left in `work`: what the model scores alone, beside the ensemble."""
-    from lsdc.inference.predictor import Predictor
+def _own_predictions(runs: Path, sub: Any) -> dict[str, tuple]:
+    """Each model alone on the test studies it saw, with its run's own calibration (as
+    `lsdc predict RUN CACHE` would give it), from the probabilities `predict` already made."""
+    from lsdc.inference.calibration import CALIBRATION_FILE, Calibration, apply_calibration
 
     out = {}
-    for name in models:
-        preds = Predictor.from_run(runs / name, tta_flip=True).predict_cache(work / f"{name}-test")
-        out[name] = (preds.study_ids, preds.probs)
+    for name, probs in sub.model_probs.items():
+        seen = ~np.isnan(probs).any(axis=(1, 2))
+        p = probs[seen]
+        cal = runs / name / CALIBRATION_FILE
+        if cal.exists():
+            p = apply_calibration(p, Calibration.load(cal))
+        out[name] = (sub.study_ids[seen], p)
     return out
 
 
@@ -134,7 +140,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
     )
 
     predictions = {"ensemble": (sub.study_ids, sub.probs)}
-    predictions.update(_model_test_probs(runs, work, cfg.models))
+    predictions.update(_own_predictions(runs, sub))
     table = score_table(data, predictions)
     report.figures.update(
         test=table,

@@ -266,6 +266,46 @@ def sequence_cache_overrides(plan: Plan, runs_dir: Path) -> list[str]:
     return [*window, *plan.overrides["sequence_cache"]]
 
 
+def build_cache(
+    model: str,
+    plan: Plan,
+    data: Path,
+    runs: Path,
+    cache: Path,
+    *,
+    split: str,
+    workers: int = 1,
+    progress: bool = True,
+    study_ids: Sequence[int] | None = None,
+) -> Any:
+    """`model`'s cache of `split` with the plan's settings: the one place that decides how a
+    family's input is made, so test studies are preprocessed exactly like training ones.
+    -> the cache's `CacheRunReport`."""
+    from lsdc.preprocess import multitask as mt_pre
+    from lsdc.preprocess import sequence as seq_pre
+
+    if model == "multitask":
+        return mt_pre.preprocess_dataset(
+            data,
+            cache,
+            split=split,
+            workers=workers,
+            study_ids=study_ids,
+            overrides=plan.overrides["multitask_cache"],
+            relevance_run=runs / RUN_DIRS["relevance"],
+            progress=progress,
+        )
+    return seq_pre.preprocess_dataset(
+        data,
+        cache,
+        split=split,
+        workers=workers,
+        study_ids=study_ids,
+        overrides=sequence_cache_overrides(plan, runs),
+        progress=progress,
+    )
+
+
 # --------------------------------------------------------------------------- quiet Lightning
 
 
@@ -374,8 +414,6 @@ def fit(
     """Train every stage on `data_dir` into `runs_dir` (resuming what is done); writes
     plan.json, fit.json (per-stage seconds and scores) and fit.log (library chatter)."""
     from lsdc.inference.ensemble import fit_ensemble, save_ensemble
-    from lsdc.preprocess import multitask as mt_pre
-    from lsdc.preprocess import sequence as seq_pre
     from lsdc.preprocess.slice_relevance import train_slice_relevance
     from lsdc.training.multitask import train_multitask
     from lsdc.training.sequence import train_sequence
@@ -432,25 +470,17 @@ def fit(
             )
 
     def cache(stage: str) -> None:
-        if stage == "multitask_cache":
-            rep = mt_pre.preprocess_dataset(
-                data,
-                work / "multitask-train",
-                split="train",
-                workers=workers,
-                overrides=plan.overrides[stage],
-                relevance_run=run_dir("relevance"),
-                progress=progress,
-            )
-        else:
-            rep = seq_pre.preprocess_dataset(
-                data,
-                work / "sequence-train",
-                split="train",
-                workers=workers,
-                overrides=sequence_cache_overrides(plan, runs),
-                progress=progress,
-            )
+        model = stage.removesuffix("_cache")
+        rep = build_cache(
+            model,
+            plan,
+            data,
+            runs,
+            work / f"{model}-train",
+            split="train",
+            workers=workers,
+            progress=progress,
+        )
         if rep.failed:
             log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
         if rep.warnings:
@@ -514,6 +544,9 @@ class PredictReport:
     warnings: list[dict[str, Any]]
     study_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 25, 3)))  # as written
+    # Each model's own fold-mean probabilities (uncalibrated), NaN where it could not see the
+    # study: what the model says alone, beside the pool.
+    model_probs: dict[str, np.ndarray] = field(default_factory=dict)
     coordinates: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -565,8 +598,6 @@ def predict(
         validate_submission_file,
         write_submission,
     )
-    from lsdc.preprocess import multitask as mt_pre
-    from lsdc.preprocess import sequence as seq_pre
 
     data, runs, out = Path(data_dir), Path(runs_dir), Path(out_csv)
     ensure_writable(out.parent if str(out.parent) else Path("."))
@@ -601,39 +632,28 @@ def predict(
             t0 = time.perf_counter()
             cache = work / f"{name}-{split}"
             log(f"[lsdc predict] {name}: preprocessing {len(listed)} studies")
-            if name == "multitask":
-                rep = mt_pre.preprocess_dataset(
-                    data,
-                    cache,
-                    split=split,
-                    workers=workers,
-                    study_ids=listed,
-                    overrides=plan.overrides["multitask_cache"],
-                    relevance_run=runs / RUN_DIRS["relevance"],
-                    progress=progress,
-                )
-            else:
-                rep = seq_pre.preprocess_dataset(
-                    data,
-                    cache,
-                    split=split,
-                    workers=workers,
-                    study_ids=listed,
-                    overrides=sequence_cache_overrides(plan, runs),
-                    progress=progress,
-                )
+            rep = build_cache(
+                name,
+                plan,
+                data,
+                runs,
+                cache,
+                split=split,
+                workers=workers,
+                progress=progress,
+                study_ids=listed,
+            )
             for sid, err in sorted(rep.failed.items()):
                 report_warnings.append({"study_id": sid, "model": name, "problem": err})
-            for sid in listed:
-                if sid not in rep.failed and (cache / f"{sid}.npz").exists():
-                    meta = load_npz_meta(cache / f"{sid}.npz")
-                    for err in meta.get("warnings", meta.get("series_errors", [])):
-                        report_warnings.append({"study_id": sid, "model": name, "problem": err})
+            cached = [s for s in listed if s not in rep.failed and (cache / f"{s}.npz").exists()]
+            for sid in cached:
+                meta = load_npz_meta(cache / f"{sid}.npz")
+                for err in meta.get("warnings", meta.get("series_errors", [])):
+                    report_warnings.append({"study_id": sid, "model": name, "problem": err})
             seconds[f"{name} preprocess"] = round(time.perf_counter() - t0, 1)
             t0 = time.perf_counter()
             log(f"[lsdc predict] {name}: predicting")
             predictor = predictors[name]
-            cached = [s for s in listed if s not in rep.failed and (cache / f"{s}.npz").exists()]
             p = np.full((len(listed), 25, 3), np.nan)
             seen = np.zeros(len(listed), bool)
             if cached:
@@ -674,6 +694,7 @@ def predict(
         warnings=report_warnings,
         study_ids=np.asarray(listed, np.int64),
         probs=pooled,
+        model_probs=dict(zip(ens.models, probs, strict=True)),
         coordinates=coords_path,
         seconds=seconds,
     )
