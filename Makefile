@@ -13,9 +13,10 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # Dependencies are pinned by constraints.txt (torch 2.14.1 with torchvision 0.29.1); reinstalled
-# only when pyproject.toml or constraints.txt change.
+# only when pyproject.toml or constraints.txt change. The optional dask group is in, so the
+# tests of the Dask executor run.
 $(DEPS_STAMP): $(PY) pyproject.toml constraints.txt
-	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev,dask]"
 	rm -f $(LSDC_VENV)/.lsdc-deps-* && touch $@
 
 # The editable install is re-pointed at this checkout every time (cheap), so one shared

@@ -1,3 +1,5 @@
+import pytest
+
 from lsdc.parallel import parallel_map
 
 
@@ -60,3 +62,63 @@ def test_a_pool_after_torch_and_xgboost_ran_here_does_not_hang():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------- the dask executor
+
+
+def test_without_dask_the_executor_names_the_optional_group(monkeypatch):
+    import sys
+
+    from lsdc.parallel import Executor, MissingOptionalDependency
+
+    pytest.importorskip("distributed")  # built while installed, run after it is gone
+    built = Executor("dask")
+    # A None entry in sys.modules makes `import distributed` fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    monkeypatch.setitem(sys.modules, "dask", None)
+    hint = "install the optional group: pip install 'lsdc[dask]'"
+    with pytest.raises(MissingOptionalDependency, match=hint.replace("[", r"\[")):
+        Executor("dask")
+    with pytest.raises(MissingOptionalDependency, match="lsdc"):
+        list(parallel_map(_square_or_fail, [1], executor=built, progress=False))
+
+
+def test_executor_settings_are_checked():
+    from lsdc.parallel import Executor
+
+    with pytest.raises(ValueError, match="unknown executor 'spark'"):
+        Executor("spark")
+    with pytest.raises(ValueError, match="needs the dask executor"):
+        Executor("local", scheduler="tcp://127.0.0.1:8786")
+
+
+@pytest.mark.slow
+def test_dask_on_an_existing_cluster_isolates_failures_and_leaves_no_process():
+    distributed = pytest.importorskip("distributed")
+    import psutil  # a dependency of distributed
+
+    from lsdc.parallel import Executor
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40
+    ) as cluster:
+        executor = Executor("dask", scheduler=cluster.scheduler_address)
+        outs = list(parallel_map(_square_or_fail, range(9), executor=executor, progress=False))
+        assert sorted(o.item for o in outs) == list(range(9))
+        assert {o.item: o.result for o in outs if o.ok} == {i: i * i for i in range(9) if i != 3}
+        (bad,) = [o for o in outs if not o.ok]
+        assert bad.item == 3 and bad.error == "ValueError: bad item 3"
+    # A cluster parallel_map starts itself is closed with its workers.
+    outs = list(parallel_map(_square_or_fail, [1, 2], workers=2, executor=Executor("dask"),
+                             progress=False))  # fmt: skip
+    assert sorted(o.result for o in outs) == [1, 4]
+    # multiprocessing's resource tracker stays, as it does after any process pool: one per
+    # interpreter, it ends with this process.
+    left = [
+        p.cmdline()
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert not [c for c in left if "multiprocessing.resource_tracker" not in " ".join(c)], left

@@ -1,19 +1,71 @@
-"""Per-item parallel map with a progress bar, where one failing item never ends the batch."""
+"""Per-item parallel map with a progress bar, where one failing item never ends the batch.
+
+Items run in this process, in a local process pool, or on a Dask cluster (`Executor`): a new
+`LocalCluster` on this machine or an existing one at a scheduler address. Dask is optional
+(`pip install 'lsdc[dask]'`) and imported only when asked for.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 T = TypeVar("T")
 R = TypeVar("R")
 _END = object()
+EXECUTORS = ("local", "dask")
+# On a cluster lsdc starts itself, a study whose worker died is tried once more on another
+# worker: one retry covers a worker lost to something else (the OOM killer choosing it for a
+# neighbour's memory), while a study that kills every worker it touches (a decoder crash)
+# costs two worker restarts, not Dask's default four. An existing cluster keeps its own
+# `distributed.scheduler.allowed-failures`.
+LOCAL_CLUSTER_ALLOWED_FAILURES = 1
+
+
+class MissingOptionalDependency(ImportError):
+    """An optional feature was asked for but its packages are not installed."""
+
+
+def _missing_dask() -> MissingOptionalDependency:
+    return MissingOptionalDependency(
+        "the dask executor needs dask and distributed, which are not installed: "
+        "install the optional group: pip install 'lsdc[dask]'"
+    )
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where `parallel_map` runs its items.
+
+    `local`: this process (1 worker) or a fork-server process pool. `dask`: a
+    `distributed.Client` on a new `LocalCluster` of `workers` single-threaded processes, or,
+    with `scheduler` (e.g. ``tcp://host:8786``), on that existing cluster, whose workers must
+    have lsdc installed and see the same data and cache paths.
+    """
+
+    kind: str = "local"
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.kind!r}: {' | '.join(EXECUTORS)}")
+        if self.scheduler is not None and self.kind != "dask":
+            raise ValueError("a scheduler address needs the dask executor (--executor dask)")
+        # Checked here, so a missing package is named before any work starts.
+        if self.kind == "dask" and importlib.util.find_spec("distributed") is None:
+            raise _missing_dask()
+
+
+LOCAL = Executor()
 
 
 @dataclass
@@ -40,11 +92,15 @@ def _progress(desc: str, total: int, enabled: bool) -> Progress:
     )
 
 
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _call(fn: Callable[[T], R], item: T) -> Outcome[T, R]:
     try:
         return Outcome(item, fn(item))
     except Exception as exc:  # noqa: BLE001 - one bad item is reported, never the end of a batch
-        return Outcome(item, error=f"{type(exc).__name__}: {exc}")
+        return Outcome(item, error=_error_text(exc))
 
 
 def parallel_map(
@@ -54,39 +110,122 @@ def parallel_map(
     workers: int = 1,
     desc: str = "working",
     progress: bool = True,
+    executor: Executor = LOCAL,
 ) -> Iterator[Outcome[T, R]]:
     """Apply `fn` to every item, yielding an `Outcome` per item as it completes.
 
-    `workers` > 1 uses processes started by a fork server (`fn` and items must pickle, so
-    `fn` is a module-level function or a `functools.partial` of one); at most 2x`workers` items
-    are in flight so memory stays bounded on big datasets. Order of outcomes is completion order.
+    `workers` > 1, or the dask executor, runs items in other processes (`fn` and items must
+    pickle, so `fn` is a module-level function or a `functools.partial` of one); at most
+    2x`workers` items are in flight (2x the cluster's threads on an existing Dask cluster) so
+    memory stays bounded on big datasets. Order of outcomes is completion order. On Dask, an
+    item whose worker died more often than the scheduler allows is reported failed
+    (`KilledWorker`), like an item that raised.
     """
     items = list(items)
     workers = max(1, min(int(workers), len(items) or 1, os.cpu_count() or 1))
     with _progress(desc, len(items), progress) as bar:
         task = bar.add_task(desc, total=len(items))
-        if workers == 1:
-            for item in items:
-                out = _call(fn, item)
-                bar.advance(task)
-                yield out
+        if not items:
             return
-        # forkserver, not fork: a child forked from a process whose OpenMP runtime already ran
-        # (torch, XGBoost) can hang for ever at its first parallel region. Workers fork from a
-        # clean server process instead; `fn` and items travel by pickle either way.
-        context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            pending: set[Future[Outcome[T, R]]] = set()
-            queue = iter(items)
-            for item in queue:
-                pending.add(pool.submit(_call, fn, item))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    bar.advance(task)
-                    yield fut.result()
-                    nxt = next(queue, _END)
-                    if nxt is not _END:
-                        pending.add(pool.submit(_call, fn, nxt))
+        if executor.kind == "dask":
+            outcomes = _dask_map(fn, items, workers, executor.scheduler)
+        elif workers == 1:
+            outcomes = (_call(fn, item) for item in items)
+        else:
+            outcomes = _pool_map(fn, items, workers)
+        for out in outcomes:
+            bar.advance(task)
+            yield out
+
+
+def _pool_map(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[Outcome[T, R]]:
+    # forkserver, not fork: a child forked from a process whose OpenMP runtime already ran
+    # (torch, XGBoost) can hang for ever at its first parallel region. Workers fork from a
+    # clean server process instead; `fn` and items travel by pickle either way.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: set[Future[Outcome[T, R]]] = set()
+        queue = iter(items)
+        for item in queue:
+            pending.add(pool.submit(_call, fn, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+                nxt = next(queue, _END)
+                if nxt is not _END:
+                    pending.add(pool.submit(_call, fn, nxt))
+
+
+def _dask_map(
+    fn: Callable[[T], R], items: list[T], workers: int, scheduler: str | None
+) -> Iterator[Outcome[T, R]]:
+    try:
+        import dask
+        import distributed
+    except ImportError as exc:
+        raise _missing_dask() from exc
+
+    with contextlib.ExitStack() as stack:
+        if scheduler is None:
+            # Read by the scheduler when it starts, so it applies to this cluster only.
+            with dask.config.set(
+                {"distributed.scheduler.allowed-failures": LOCAL_CLUSTER_ALLOWED_FAILURES}
+            ):
+                # Single-threaded worker processes, as in the local pool: the per-study code
+                # holds the GIL most of the time. No dashboard: it needs bokeh and a port on a
+                # shared machine; whoever wants one starts `dask scheduler` and passes its
+                # address.
+                target: Any = stack.enter_context(
+                    distributed.LocalCluster(
+                        n_workers=workers,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=None,
+                        silence_logs=logging.ERROR,
+                    )
+                )
+        else:
+            target = scheduler
+        client = stack.enter_context(distributed.Client(target))
+        yield from _dask_window(client, fn, items, distributed)
+
+
+def _dask_window(
+    client: Any, fn: Callable[[T], R], items: list[T], distributed: Any
+) -> Iterator[Outcome[T, R]]:
+    """Keep at most 2x the cluster's threads in flight, re-counted as results come back
+    (workers may join, leave or be restarted while the batch runs)."""
+
+    def window() -> int:
+        return 2 * max(1, sum(client.nthreads().values()))
+
+    item_of: dict[Any, T] = {}
+
+    def submit(item: T) -> Any:
+        # pure=False: two equal items (or a rerun) are separate tasks, never a cached result.
+        fut = client.submit(_call, fn, item, pure=False)
+        item_of[fut.key] = item
+        return fut
+
+    queue = iter(items)
+    running = distributed.as_completed()
+    for item in queue:
+        running.add(submit(item))
+        if running.count() >= window():
+            break
+    for fut in running:
+        item = item_of.pop(fut.key)
+        try:
+            out = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a dead worker (KilledWorker) fails one item
+            out = Outcome(item, error=_error_text(exc))
+        fut.release()  # the result is in hand; the cluster need not keep it
+        yield out
+        while running.count() < window():
+            nxt = next(queue, _END)
+            if nxt is _END:
+                break
+            running.add(submit(nxt))  # type: ignore[arg-type]
