@@ -38,6 +38,7 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # `temporaries` parses this name: keep the two in step.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; a file written any other way would get 0666 minus the umask,
@@ -52,6 +53,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temporaries(folder: str | Path) -> dict[str, list[Path]]:
+    """Files of `folder` that `atomic_write_bytes` left when its process was killed between
+    writing and renaming (a SIGKILL or a lost worker runs no cleanup), by the name they were
+    meant to take: {"12.npz": [Path(".12.npz.k3j_x9a1.tmp")], ...}. Only a writer that owns
+    a name may delete its temporaries: another process writing it now would lose its file."""
+    found: dict[str, list[Path]] = {}
+    for tmp in sorted(Path(folder).glob(".*.tmp")):
+        # ".<name>.<random>.tmp", as `atomic_write_bytes` names it
+        name = tmp.name[1:].rsplit(".", 2)[0]
+        found.setdefault(name, []).append(tmp)
+    return found
 
 
 def ensure_writable(folder: str | Path) -> Path:

@@ -34,6 +34,21 @@ def test_run_writes_skips_and_records_failures(tmp_path):
     assert (tmp_path / "errors.jsonl").read_text() == ""
 
 
+def test_a_killed_writers_temporary_file_goes_when_its_study_is_built(tmp_path):
+    from lsdc.fileio import temporaries
+
+    cache = StudyCache(tmp_path, "demo", {"size": 8})
+    cache.run([1], _build, progress=False)
+    # What atomic_write_bytes leaves when its process dies before the rename.
+    (tmp_path / ".2.npz.k3j_x9a1.tmp").write_bytes(b"PK half a zip")
+    (tmp_path / ".9.npz.0abc_123.tmp").write_bytes(b"not this run's study")
+    assert sorted(temporaries(tmp_path)) == ["2.npz", "9.npz"]
+    assert cache.study_ids() == [1]  # never taken for a study
+    report = cache.run([1, 2], _build, progress=False)
+    assert report.written == [2] and report.skipped == [1]
+    assert list(temporaries(tmp_path)) == ["9.npz"]
+
+
 def test_other_config_in_same_folder_is_refused(tmp_path):
     StudyCache(tmp_path, "demo", {"size": 8})
     with pytest.raises(CacheMismatchError, match="another cache folder"):

@@ -32,6 +32,7 @@ from lsdc.fileio import (
     ensure_writable,
     load_npz,
     save_npz,
+    temporaries,
 )
 from lsdc.parallel import parallel_map
 
@@ -164,6 +165,10 @@ class StudyCache:
         """
         ensure_writable(self.root)  # else every study would fail, one by one, at its save
         report = CacheRunReport()
+        # A worker lost mid-save left a temporary file: never read as a study, it only takes
+        # space until the study is built again. (Two runs building the same studies of one
+        # cache at once are not supported: this could remove the other's file.)
+        leftovers = temporaries(self.root)
         todo = []
         for sid in map(int, study_ids):
             if self.has(sid):
@@ -175,6 +180,8 @@ class StudyCache:
                 self.path(sid).unlink()
                 report.repaired[sid] = problem
             todo.append(sid)
+            for tmp in leftovers.get(self.path(sid).name, []):
+                tmp.unlink(missing_ok=True)
         task = _BuildAndSave(self.root, self.pipeline, self.config, build)
         for out in parallel_map(task, todo, workers=workers, desc=desc, progress=progress):
             if out.ok:
