@@ -67,9 +67,10 @@ def test_a_pool_after_torch_and_xgboost_ran_here_does_not_hang():
 # --------------------------------------------------------------------------- the dask executor
 
 
-def test_without_dask_the_executor_names_the_optional_group(monkeypatch):
+def test_without_dask_the_executor_names_the_optional_group(monkeypatch, tmp_path, capsys):
     import sys
 
+    from lsdc.cli import main
     from lsdc.parallel import Executor, MissingOptionalDependency
 
     pytest.importorskip("distributed")  # built while installed, run after it is gone
@@ -82,6 +83,13 @@ def test_without_dask_the_executor_names_the_optional_group(monkeypatch):
         Executor("dask")
     with pytest.raises(MissingOptionalDependency, match="lsdc"):
         list(parallel_map(_square_or_fail, [1], executor=built, progress=False))
+    # On the command line: one line, before any work.
+    args = ["preprocess", str(tmp_path), "--pipeline", "sequence", "--cache", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--executor", "dask"])
+    assert exit_info.value.code == 1
+    assert hint in capsys.readouterr().err.splitlines()[0]
+    assert not (tmp_path / "c").exists()
 
 
 def test_executor_settings_are_checked():

@@ -31,6 +31,16 @@ def test_plan_puts_user_overrides_after_the_preset_and_refuses_unknown_stages():
         make_plan("demo", ["resnet"])
 
 
+def test_predict_on_a_dask_scheduler_needs_a_shared_work_folder(tmp_path):
+    # Its default, a temporary folder on this machine, is invisible to workers elsewhere.
+    from lsdc.parallel import Executor
+
+    pytest.importorskip("distributed")
+    remote = Executor("dask", scheduler="tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="every worker sees"):
+        predict(tmp_path, tmp_path, tmp_path / "sub.csv", executor=remote)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")

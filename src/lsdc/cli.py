@@ -6,9 +6,12 @@ Heavy imports (torch, sklearn, pydicom) happen inside commands so `lsdc --help` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from lsdc.parallel import Executor
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 train_app = typer.Typer(no_args_is_help=True, help="Train a model; writes a run folder.")
@@ -18,6 +21,31 @@ app.add_typer(viz_app, name="viz")
 ensemble_app = typer.Typer(no_args_is_help=True, help="Pool several runs' predictions.")
 app.add_typer(ensemble_app, name="ensemble")
 
+# The preprocessing commands share these: where the per-study work runs.
+ExecutorOption = Annotated[
+    str,
+    typer.Option(
+        help="local (a process pool of --workers) | dask (a Dask cluster: a new local one of "
+        "--workers processes, or --scheduler's; pip install 'lsdc\\[dask]')."
+    ),
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="With --executor dask: an existing cluster's scheduler, e.g. tcp://HOST:8786; its "
+        "workers need lsdc and the same data and cache paths."
+    ),
+]
+
+
+def _executor(kind: str, scheduler: str | None) -> Executor:
+    from lsdc.parallel import Executor
+
+    try:
+        return Executor(kind, scheduler)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
 
 @app.command()
 def preprocess(
@@ -26,6 +54,8 @@ def preprocess(
     cache: Annotated[Path, typer.Option(help="Cache folder (created; resumable).")],
     split: Annotated[str, typer.Option(help="train | test")] = "train",
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
+    executor: ExecutorOption = "local",
+    scheduler: SchedulerOption = None,
     relevance_run: Annotated[
         Path | None,
         typer.Option(help="Slice-relevance run folder (multitask): predicted slices."),
@@ -35,6 +65,7 @@ def preprocess(
     ] = None,
 ) -> None:
     """Preprocess a dataset into a per-study cache for one pipeline."""
+    where = _executor(executor, scheduler)
     if pipeline == "multitask":
         from lsdc.preprocess.multitask import preprocess_dataset
     elif pipeline == "sequence":
@@ -45,7 +76,13 @@ def preprocess(
         raise typer.BadParameter(f"unknown pipeline {pipeline!r}: multitask | sequence")
     kwargs = {"relevance_run": relevance_run} if pipeline == "multitask" else {}
     report = preprocess_dataset(
-        data_dir, cache, split=split, workers=workers, overrides=overrides or [], **kwargs
+        data_dir,
+        cache,
+        split=split,
+        workers=workers,
+        executor=where,
+        overrides=overrides or [],
+        **kwargs,
     )
     typer.echo(report.summary(cache))
     if report.failed:
@@ -328,6 +365,8 @@ def predict_cmd(
         Path | None, typer.Option(help="Keep the test caches here (default: a temporary folder).")
     ] = None,
     workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
+    executor: ExecutorOption = "local",
+    scheduler: SchedulerOption = None,
     series_descriptions: Annotated[
         Path | None,
         typer.Option(help="Expert form: studies that must appear (missing: the class prior)."),
@@ -336,6 +375,7 @@ def predict_cmd(
 ) -> None:
     """Predict a submission: `lsdc predict DATA_DIR --runs RUNS --out SUB.csv` runs every stage
     from raw DICOM folders; `lsdc predict RUN CACHE --out SUB.csv` predicts one run on a cache."""
+    where = _executor(executor, scheduler)
     if runs is not None:
         from lsdc.pipeline import predict
 
@@ -348,6 +388,7 @@ def predict_cmd(
             split=split,
             work_dir=work,
             workers=workers,
+            executor=where,
             tta_flip=tta_flip,
             log=typer.echo,
         )
@@ -395,6 +436,8 @@ def fit_cmd(
         Path | None, typer.Option(help="Training caches here (default RUNS/cache).")
     ] = None,
     workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
+    executor: ExecutorOption = "local",
+    scheduler: SchedulerOption = None,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
@@ -407,6 +450,7 @@ def fit_cmd(
     RUNS/fit.log; timings and scores to RUNS/fit.json."""
     from lsdc.pipeline import fit
 
+    where = _executor(executor, scheduler)
     rep = fit(
         data_dir,
         out,
@@ -415,6 +459,7 @@ def fit_cmd(
         overrides=overrides or [],
         work_dir=work,
         workers=workers,
+        executor=where,
         log=typer.echo,
     )
     typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
@@ -511,6 +556,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from lsdc.io.dicom import SeriesReadError, SliceReadError
     from lsdc.io.study import StudyReadError
     from lsdc.models.backbones import PretrainedWeightsUnavailable
+    from lsdc.parallel import MissingOptionalDependency
     from lsdc.preprocess.cache import CacheMismatchError
 
     return (
@@ -520,6 +566,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         OmegaConfBaseException,
         CacheMismatchError,
         PretrainedWeightsUnavailable,
+        MissingOptionalDependency,
         StudyReadError,
         SeriesReadError,
         SliceReadError,

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lsdc.fileio import atomic_write_json, atomic_write_text, ensure_writable, load_npz_meta
+from lsdc.parallel import LOCAL, Executor
 
 PLAN_FILE = "plan.json"
 FIT_FILE = "fit.json"
@@ -277,9 +278,11 @@ def build_cache(
     workers: int = 1,
     progress: bool = True,
     study_ids: Sequence[int] | None = None,
+    executor: Executor = LOCAL,
 ) -> Any:
     """`model`'s cache of `split` with the plan's settings: the one place that decides how a
     family's input is made, so test studies are preprocessed exactly like training ones.
+    `workers` processes of `executor` (a local pool or Dask) build it.
     -> the cache's `CacheRunReport`."""
     from lsdc.preprocess import multitask as mt_pre
     from lsdc.preprocess import sequence as seq_pre
@@ -294,6 +297,7 @@ def build_cache(
             overrides=plan.overrides["multitask_cache"],
             relevance_run=runs / RUN_DIRS["relevance"],
             progress=progress,
+            executor=executor,
         )
     return seq_pre.preprocess_dataset(
         data,
@@ -303,6 +307,7 @@ def build_cache(
         study_ids=study_ids,
         overrides=sequence_cache_overrides(plan, runs),
         progress=progress,
+        executor=executor,
     )
 
 
@@ -410,9 +415,12 @@ def fit(
     workers: int = 1,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    executor: Executor = LOCAL,
 ) -> FitReport:
     """Train every stage on `data_dir` into `runs_dir` (resuming what is done); writes
-    plan.json, fit.json (per-stage seconds and scores) and fit.log (library chatter)."""
+    plan.json, fit.json (per-stage seconds and scores) and fit.log (library chatter).
+    The model caches are built by `workers` processes of `executor` (a local pool or Dask);
+    slice relevance (features, CV folds) runs in a local pool of `workers`."""
     from lsdc.inference.ensemble import fit_ensemble, save_ensemble
     from lsdc.preprocess.slice_relevance import train_slice_relevance
     from lsdc.training.multitask import train_multitask
@@ -480,6 +488,7 @@ def fit(
             split="train",
             workers=workers,
             progress=progress,
+            executor=executor,
         )
         if rep.failed:
             log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
@@ -584,13 +593,15 @@ def predict(
     device: str = "auto",
     log: Callable[[str], None] = print,
     progress: bool = True,
+    executor: Executor = LOCAL,
 ) -> PredictReport:
     """Raw DICOM folders -> a complete, valid submission at `out_csv`.
 
     Every study listed in `<split>_series_descriptions.csv` gets its 25 rows: from the models
     that could see it, else the class prior. Each study a model could not see is written, with
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
-    given; a temporary folder otherwise)."""
+    given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
+    Dask cluster `work_dir` must be a folder every worker sees at the same path."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -600,6 +611,11 @@ def predict(
     )
 
     data, runs, out = Path(data_dir), Path(runs_dir), Path(out_csv)
+    if executor.scheduler is not None and work_dir is None:
+        raise ValueError(
+            "with a Dask scheduler, give a work folder (--work) that every worker sees at the "
+            "same path: the default is a temporary folder on this machine"
+        )
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
     if not (runs / ENSEMBLE_FILE).is_file():
@@ -642,6 +658,7 @@ def predict(
                 workers=workers,
                 progress=progress,
                 study_ids=listed,
+                executor=executor,
             )
             for sid, err in sorted(rep.failed.items()):
                 report_warnings.append({"study_id": sid, "model": name, "problem": err})

@@ -34,7 +34,7 @@ from lsdc.fileio import (
     save_npz,
     temporaries,
 )
-from lsdc.parallel import parallel_map
+from lsdc.parallel import LOCAL, Executor, parallel_map
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -157,11 +157,13 @@ class StudyCache:
         workers: int = 1,
         desc: str = "preprocess",
         progress: bool = True,
+        executor: Executor = LOCAL,
     ) -> CacheRunReport:
         """Build and save every study not yet cached; failures are recorded and skipped.
 
-        `build(study_id)` must be picklable when `workers` > 1 (a module-level function or a
-        `functools.partial` of one).
+        `build(study_id)` must be picklable when `workers` > 1 or on Dask (a module-level
+        function or a `functools.partial` of one). Each study is written by the process that
+        built it, so on a cluster every worker must see this folder at the same path.
         """
         ensure_writable(self.root)  # else every study would fail, one by one, at its save
         report = CacheRunReport()
@@ -182,8 +184,12 @@ class StudyCache:
             todo.append(sid)
             for tmp in leftovers.get(self.path(sid).name, []):
                 tmp.unlink(missing_ok=True)
-        task = _BuildAndSave(self.root, self.pipeline, self.config, build)
-        for out in parallel_map(task, todo, workers=workers, desc=desc, progress=progress):
+        # Absolute: a Dask worker may run elsewhere, in another working directory.
+        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build)
+        outcomes = parallel_map(
+            task, todo, workers=workers, desc=desc, progress=progress, executor=executor
+        )
+        for out in outcomes:
             if out.ok:
                 report.written.append(out.item)
                 if out.result:

@@ -51,6 +51,7 @@ import pandas as pd
 
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, CONDITION_SERIES, LEVELS, SERIES_TYPES, TARGETS
+from lsdc.parallel import LOCAL, Executor
 from lsdc.preprocess.cache import CacheRunReport, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
@@ -606,15 +607,18 @@ def preprocess_dataset(
     relevance_run: str | Path | None = None,
     progress: bool = True,
     study_ids: Sequence[int] | None = None,
+    executor: Executor = LOCAL,
 ) -> CacheRunReport:
-    """Preprocess `data_dir/<split>_images` into a multitask cache at `cache_dir`.
+    """Preprocess `data_dir/<split>_images` into a multitask cache at `cache_dir`, with
+    `workers` processes of `executor` (a local pool or Dask).
 
     The axial ROI comes from `relevance_run` (its `axial_roi.json`), else from the training
     coordinates of `data_dir`, else from `default_axial_roi`; it is saved as
     `cache_dir/axial_roi.json` and is part of the configuration hash, as is the relevance run.
     Reruns skip finished studies; a run killed midway resumes. `study_ids` restricts the run.
     """
-    data_dir = Path(data_dir)
+    # Absolute: a Dask worker may run elsewhere, in another working directory.
+    data_dir = Path(data_dir).resolve()
     cfg = load_config(MultitaskConfig, None, overrides)
     if cfg.selection.without_prediction not in ("error", "middle", "absent"):
         raise ValueError(
@@ -662,7 +666,14 @@ def preprocess_dataset(
         relevance_run=run,
         cfg=cfg,
     )
-    report = cache.run(ids, build, workers=workers, desc=f"multitask {split}", progress=progress)
+    report = cache.run(
+        ids,
+        build,
+        workers=workers,
+        desc=f"multitask {split}",
+        progress=progress,
+        executor=executor,
+    )
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.
         tried = set(ids)

@@ -32,6 +32,7 @@ import numpy as np
 
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS
+from lsdc.parallel import LOCAL, Executor
 from lsdc.preprocess.cache import CacheRunReport, StudyArrays, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
@@ -315,10 +316,13 @@ def preprocess_dataset(
     config_path: str | Path | None = None,
     study_ids: Sequence[int] | None = None,
     progress: bool = True,
+    executor: Executor = LOCAL,
 ) -> CacheRunReport:
     """Preprocess every study of `split` (those in its series-descriptions table, or
-    `study_ids`) into a resumable `StudyCache` at `cache_dir`."""
-    data_dir = Path(data_dir)
+    `study_ids`) into a resumable `StudyCache` at `cache_dir`, with `workers` processes of
+    `executor` (a local pool or Dask)."""
+    # Absolute: a Dask worker may run elsewhere, in another working directory.
+    data_dir = Path(data_dir).resolve()
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cfg = resolve_config(config_path, overrides)
@@ -327,7 +331,14 @@ def preprocess_dataset(
     cache = StudyCache(cache_dir, PIPELINE, config)
     ids = sorted(descriptions) if study_ids is None else [int(s) for s in study_ids]
     builder = _StudyBuilder(data_dir, split, cfg, descriptions, labels)
-    report = cache.run(ids, builder, workers=workers, desc=f"sequence {split}", progress=progress)
+    report = cache.run(
+        ids,
+        builder,
+        workers=workers,
+        desc=f"sequence {split}",
+        progress=progress,
+        executor=executor,
+    )
     if study_ids is None:
         report.left_out = left_out_studies(data_dir, split, set(ids), labels)
     return report
