@@ -7,10 +7,17 @@ Measures, in one run:
 - preprocessing throughput in studies per minute (`preprocess_dataset` with the trained
   relevance run, so studies without coordinates use predicted slices) against only reading the
   same DICOM studies (`load_study`, median of --read-repeats runs) with the same number of
-  workers: ratio.
+  workers: ratio;
+- with --scaling, the same preprocessing with 1 and 2 local workers and on a 2-worker Dask
+  LocalCluster (needs `pip install 'lsdc[dask]'`), each in a fresh process into a fresh cache
+  as `lsdc preprocess` would run (interpreter, imports, workers and cluster started and
+  stopped): end-to-end studies/s, and the steady rate once every worker has finished its
+  first study (from the times the studies' files were written: what thousands of studies
+  converge to, start-up paid), as ratios to 1 local worker and to bare reading.
 
     python bench/bench_preprocess.py                        # 120 train studies at 128 px
     python bench/bench_preprocess.py --data PHANTOM_DIR     # an existing RSNA-format dataset
+    python bench/bench_preprocess.py --scaling              # + local x1, local x2, dask x2
 
 Writes JSON to bench/results/bench_preprocess.json (or --out). The phantom is generated into
 --work (reused when its parameters match) unless --data is given.
@@ -43,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--read-repeats", type=int, default=3, help="read-only baseline repeats")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also 1 and 2 local workers and a 2-worker Dask LocalCluster, fresh processes",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_preprocess.json"))
     p.add_argument("overrides", nargs="*", help="slice-relevance overrides, e.g. folds=3")
     return p.parse_args(argv)
@@ -80,6 +92,12 @@ def _read_only(data: Path, ids: list[int], workers: int) -> None:
         raise RuntimeError(f"read baseline failed on {len(failed)} studies: {failed[0].error}")
 
 
+def _timed_read(data: Path, ids: list[int], workers: int) -> float:
+    t0 = time.perf_counter()
+    _read_only(data, ids, workers)
+    return time.perf_counter() - t0
+
+
 def _load_one(study_id: int, data: Path) -> int:
     from lsdc.io.study import load_study
     from lsdc.preprocess.slice_relevance import dataset_descriptions
@@ -90,8 +108,64 @@ def _load_one(study_id: int, data: Path) -> int:
     return sum(s.num_slices for s in study.series)
 
 
+# One preprocessing run in a fresh interpreter, as `lsdc preprocess` would be (no module, table
+# or model already loaded by this process); argv[1] is a JSON object of its arguments.
+_RUN_ONE = """
+import json, sys
+from lsdc.parallel import Executor
+from lsdc.preprocess.multitask import preprocess_dataset
+a = json.loads(sys.argv[1])
+r = preprocess_dataset(a["data"], a["cache"], workers=a["workers"],
+                       executor=Executor(a["executor"]), overrides=a["overrides"],
+                       relevance_run=a["relevance"], study_ids=a["ids"], progress=False)
+sys.exit(1 if r.failed or len(r.written) != len(a["ids"]) else 0)
+"""
+SCALING_RUNS = (("local", 1), ("local", 2), ("dask", 2))
+
+
+def _fresh_run(kind: str, workers: int, ids: list[int], cache: Path, **kw: object) -> dict:
+    """One preprocessing run of `ids` in a new process -> its seconds, end to end, and its
+    steady studies/s: between the `workers`-th and the last study written (each worker's
+    first study carries its start-up: imports, tables, relevance models)."""
+    import subprocess
+
+    spec = {"executor": kind, "workers": workers, "ids": ids, "cache": str(cache), **kw}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _RUN_ONE, json.dumps(spec)], check=True)
+    seconds = time.perf_counter() - t0
+    written = sorted(p.stat().st_mtime_ns for p in cache.glob("*.npz"))
+    span = (written[-1] - written[workers - 1]) / 1e9 if len(written) > workers else 0.0
+    return {
+        "executor": kind,
+        "workers": workers,
+        "seconds": seconds,
+        "studies_per_s": len(ids) / seconds,
+        "steady_studies_per_s": (len(written) - workers) / span if span > 0 else None,
+    }
+
+
+def _scaling(data: Path, work: Path, ids: list[int], read_rate_1: float, **kw: object) -> dict:
+    """Studies/s of each of `SCALING_RUNS`, end to end and steady, relative to one local
+    worker and to bare reading with one worker."""
+    rows = [
+        _fresh_run(kind, w, ids, work / f"scaling_{kind}{w}", data=str(data), **kw)
+        for kind, w in SCALING_RUNS
+    ]
+    for row in rows:
+        for key in ("studies_per_s", "steady_studies_per_s"):
+            base = rows[0][key]
+            ok = row[key] is not None and base
+            row[f"{key}_over_local_1"] = row[key] / base if ok else None
+            row[f"{key}_over_read_1"] = row[key] / read_rate_1 if row[key] else None
+    return {"studies": len(ids), "read_1_worker_studies_per_s": read_rate_1, "runs": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.scaling:
+        from lsdc.parallel import Executor
+
+        Executor("dask")  # a missing lsdc[dask] is named now, not after the relevance training
     from lsdc.config import load_config
     from lsdc.io.tables import read_coordinates
     from lsdc.preprocess.cache import StudyCache
@@ -141,11 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     all_ids = sorted(int(p.name) for p in (data / "train_images").iterdir() if p.name.isdigit())
     # Reading is short and noisy on a shared machine: median of a few repeats (warm cache, as
     # for the preprocessing run that follows).
-    read_times = []
-    for _ in range(args.read_repeats):
-        t0 = time.perf_counter()
-        _read_only(data, all_ids, args.workers)
-        read_times.append(time.perf_counter() - t0)
+    read_times = [_timed_read(data, all_ids, args.workers) for _ in range(args.read_repeats)]
     t_read = float(np.median(read_times))
     t0 = time.perf_counter()
     pre = preprocess_dataset(
@@ -155,6 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
     t_pre = time.perf_counter() - t0
     if pre.failed:
         raise RuntimeError(f"preprocessing failed on {len(pre.failed)} studies: {pre.failed}")
+
+    scaling = None
+    if args.scaling:
+        # Reading is the in-process baseline above, with one worker (measured again if
+        # --workers is not 1).
+        t_read_1 = t_read
+        if args.workers != 1:
+            t_read_1 = float(np.median([_timed_read(data, all_ids, 1) for _ in range(2)]))
+        scaling = _scaling(
+            data, work, all_ids, len(all_ids) / t_read_1,
+            relevance=str(work / "relevance"), overrides=[f"crop_size={args.crop_size}"],
+        )  # fmt: skip
 
     acc = {
         f"{r.series_type}|{r.method}": {"exact": r.exact, "within1": r.within1, "n": int(r.n)}
@@ -196,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             "read_seconds_repeats": read_times,
             "multitask_seconds": t_pre,
         },
+        "scaling": scaling,
         "seconds": {"phantom": t_phantom, "train_and_cv": t_train},
         "machine": {
             "cpus": os.cpu_count(),
@@ -207,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lsdc.fileio import atomic_write_json
 
     atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("features", "throughput")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("features", "throughput", "scaling")}, indent=2))
     print(f"wrote {args.out}")
     return result
 

@@ -75,6 +75,15 @@ def _preprocess(d: dict) -> list[tuple[str, str]]:
     rows.append(
         ("multitask preprocessing speed / reading the same files", f"{_fmt(ratio, '.2f')}x")
     )
+    for r in _get(d, "scaling.runs") or []:  # with --scaling
+        rows.append(
+            (
+                f"multitask preprocessing, {r['executor']} x{r['workers']}: studies/s vs 1 local "
+                "worker, end to end / steady",
+                f"{_fmt(r['studies_per_s_over_local_1'], '.2f')}x / "
+                f"{_fmt(r['steady_studies_per_s_over_local_1'], '.2f')}x",
+            )
+        )
     return rows
 
 
