@@ -415,6 +415,7 @@ def fit_cmd(
     ensemble) into a runs folder that `lsdc predict DATA --runs` uses. Library messages go to
     RUNS/fit.log; timings and scores to RUNS/fit.json."""
     from lsdc.pipeline import fit
+    from lsdc.training.engine import is_global_zero
 
     rep = fit(
         data_dir,
@@ -426,7 +427,8 @@ def fit_cmd(
         workers=workers,
         log=typer.echo,
     )
-    typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
+    if is_global_zero():  # not again from the processes of a stage on several devices
+        typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
 
 
 @ensemble_app.command("fit")
