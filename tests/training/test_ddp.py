@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from lsdc.fileio import load_npz
-from lsdc.training.engine import merge_rows
+from lsdc.training.engine import EngineConfig, is_global_zero, merge_rows, world_size
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -58,6 +58,32 @@ def test_merge_rows_refuses_rows_of_other_studies():
         merge_rows([_rows([1, 99])], [1, 2])
     with pytest.raises(ValueError, match="no rows"):
         merge_rows([], [1])
+
+
+@pytest.mark.parametrize(
+    ("env", "writes"),
+    [
+        ({}, True),  # one process, or rank 0 before Lightning's launcher starts the others
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # started by Lightning in a job
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, second node
+        ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun
+        ({"SLURM_PROCID": "2"}, False),  # srun
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ],
+)
+def test_only_global_rank_zero_writes(monkeypatch, env, writes):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_global_zero() is writes
+
+
+def test_world_size_counts_processes_and_refuses_device_lists():
+    assert world_size(EngineConfig(devices=4, num_nodes=2)) == 8
+    assert world_size(EngineConfig(devices="auto", accelerator="cpu")) == 1
+    with pytest.raises(ValueError, match="engine.devices"):
+        world_size(EngineConfig(devices="0,1"))
 
 
 TINY = [
@@ -135,6 +161,15 @@ def test_two_processes_give_the_oof_of_every_validation_study_once(toy_sequence_
         score = score_arrays(labels, arrays["probs"])["score"]
         np.testing.assert_allclose(entry["val_score"], score, rtol=1e-5)
     assert json.loads((run / "summary.json").read_text())["studies"] == len(folds)
+
+    # Resume: every process skips fold 0 (else they would wait on each other for ever) and
+    # fold 1 continues from its finished last.ckpt; the OOF is the same.
+    (run / "fold1" / "result.json").unlink()
+    _, writes = _lsdc(["train", "sequence", str(cache), "--out", str(run), *TINY], tmp_path)
+    assert not [line for line in writes if "/fold0/" in line], writes
+    again, _ = load_npz(run / "oof.npz")
+    np.testing.assert_array_equal(again["study_ids"], whole["study_ids"])
+    np.testing.assert_allclose(again["probs"], whole["probs"], atol=1e-6)
 
     from lsdc.inference.predictor import Predictor
 
