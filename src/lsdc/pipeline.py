@@ -440,7 +440,7 @@ def fit(
     from lsdc.training.sequence import train_sequence
     from lsdc.training.superres import train_sr
 
-    if "GROUP_RANK" in os.environ:  # set by torchrun (torch.distributed.elastic) alone
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torch's own sign of a torchrun process
         raise ValueError(
             "lsdc fit runs its other processes itself (STAGE.engine.devices=N, one node); "
             "under torchrun, train with `lsdc train multitask|sequence` instead"
