@@ -162,8 +162,9 @@ def test_two_processes_give_the_oof_of_every_validation_study_once(toy_sequence_
         np.testing.assert_allclose(entry["val_score"], score, rtol=1e-5)
     assert json.loads((run / "summary.json").read_text())["studies"] == len(folds)
 
-    # Resume: every process skips fold 0 (else they would wait on each other for ever) and
-    # fold 1 continues from its finished last.ckpt; the OOF is the same.
+    # Resume: both processes skip fold 0 and continue fold 1 from its finished last.ckpt (one
+    # on another fold would hang the run or send rows of other studies, which merge_rows
+    # refuses); the OOF is the same.
     (run / "fold1" / "result.json").unlink()
     _, writes = _lsdc(["train", "sequence", str(cache), "--out", str(run), *TINY], tmp_path)
     assert not [line for line in writes if "/fold0/" in line], writes
