@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-output
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean wheelhouse
 
 $(PY):
 	python3 -m venv $(LSDC_VENV)
@@ -33,6 +33,13 @@ test: lint
 
 demo: setup
 	$(LSDC_VENV)/bin/lsdc demo $(DEMO_DIR)
+
+# Everything an offline machine needs to `pip install --no-index --find-links wheelhouse lsdc`:
+# the lsdc wheel and every dependency at the pinned versions (docs/offline.md).
+wheelhouse: setup
+	rm -rf wheelhouse && mkdir wheelhouse
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w wheelhouse .
+	$(PY) -m pip download -q -c constraints.txt -d wheelhouse wheelhouse/lsdc-*.whl
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

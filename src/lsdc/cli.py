@@ -12,6 +12,7 @@ import typer
 
 if TYPE_CHECKING:
     from lsdc.parallel import Executor
+    from lsdc.training.engine import CVResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 train_app = typer.Typer(no_args_is_help=True, help="Train a model; writes a run folder.")
@@ -228,10 +229,7 @@ def train_sequence_cmd(
     result = train_sequence(
         cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
     )
-    terms = ", ".join(f"{k} {v:.4f}" for k, v in result.score.items())
-    typer.echo(f"OOF {terms}")
-    typer.echo(f"class prior on the same rows: score {result.prior_score['score']:.4f}")
-    typer.echo(f"run folder {result.run_dir}")
+    _echo_cv(result)
 
 
 @train_app.command("multitask")
@@ -256,6 +254,15 @@ def train_multitask_cmd(
     result = train_multitask(
         cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
     )
+    _echo_cv(result)
+
+
+def _echo_cv(result: CVResult) -> None:
+    """A cross-validation's scores, once (by rank 0 when several processes trained)."""
+    from lsdc.training.engine import is_global_zero
+
+    if not is_global_zero():
+        return
     terms = ", ".join(f"{k} {v:.4f}" for k, v in result.score.items())
     typer.echo(f"OOF {terms}")
     typer.echo(f"class prior on the same rows: score {result.prior_score['score']:.4f}")
@@ -449,6 +456,7 @@ def fit_cmd(
     ensemble) into a runs folder that `lsdc predict DATA --runs` uses. Library messages go to
     RUNS/fit.log; timings and scores to RUNS/fit.json."""
     from lsdc.pipeline import fit
+    from lsdc.training.engine import is_global_zero
 
     where = _executor(executor, scheduler)
     rep = fit(
@@ -462,7 +470,8 @@ def fit_cmd(
         executor=where,
         log=typer.echo,
     )
-    typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
+    if is_global_zero():  # not again from the processes of a stage on several devices
+        typer.echo(f"runs folder {rep.runs_dir} (fit.json, plan.json, ensemble.json)")
 
 
 @ensemble_app.command("fit")

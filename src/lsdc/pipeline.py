@@ -17,6 +17,10 @@ training caches, big at real scale) defaults to RUNS/cache; nothing in RUNS name
 path, so a copied runs folder still predicts.
 
 Overrides are `stage.key=value` (e.g. `multitask.engine.epochs=3`, `sequence_cache.size=96`).
+
+A model stage may train on several devices of one node (`sequence.engine.devices=4`): Lightning
+starts this command again in one more process per device when rank 0 reaches the stage; those
+processes join the stages that train on several devices and do nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -243,6 +248,17 @@ def _uses_sr(plan: Plan) -> bool:
     return cfg.model.upsample == "sr"
 
 
+def _processes(plan: Plan, stage: str) -> int:
+    """How many processes the model stage `stage` trains with (its engine settings)."""
+    from lsdc.config import load_config
+    from lsdc.training.engine import world_size
+    from lsdc.training.multitask import MultitaskTrainConfig
+    from lsdc.training.sequence import SequenceTrainConfig
+
+    schema = MultitaskTrainConfig if stage == "multitask" else SequenceTrainConfig
+    return world_size(load_config(schema, None, plan.overrides[stage]).engine)
+
+
 def stages_of(plan: Plan) -> list[str]:
     out = ["relevance"]
     if "multitask" in plan.models:
@@ -347,6 +363,10 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def _silent(line: str) -> None:
+    """The progress view of a process other than rank 0: nothing, rank 0 shows it."""
+
+
 def _epoch_printer(name: str, log: Callable[[str], None]) -> Any:
     """A Lightning callback printing one line per finished epoch (the progress view)."""
     from lightning.pytorch.callbacks import Callback
@@ -423,16 +443,27 @@ def fit(
     slice relevance (features, CV folds) runs in a local pool of `workers`."""
     from lsdc.inference.ensemble import fit_ensemble, save_ensemble
     from lsdc.preprocess.slice_relevance import train_slice_relevance
+    from lsdc.training.engine import is_global_zero
     from lsdc.training.multitask import train_multitask
     from lsdc.training.sequence import train_sequence
     from lsdc.training.superres import train_sr
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torch's own sign of a torchrun process
+        raise ValueError(
+            "lsdc fit runs its other processes itself (STAGE.engine.devices=N, one node); "
+            "under torchrun, train with `lsdc train multitask|sequence` instead"
+        )
     data, runs = Path(data_dir), Path(runs_dir)
     plan = make_plan(preset, models, overrides)
-    runs.mkdir(parents=True, exist_ok=True)
-    ensure_writable(runs)
-    _check_plan(runs, plan)
-    atomic_write_json(runs / PLAN_FILE, plan.to_dict())
+    # False in the processes Lightning starts for a model stage on several devices.
+    writer = is_global_zero()
+    if writer:
+        runs.mkdir(parents=True, exist_ok=True)
+        ensure_writable(runs)
+        _check_plan(runs, plan)
+        atomic_write_json(runs / PLAN_FILE, plan.to_dict())
+    else:
+        log = _silent
     work = Path(work_dir) if work_dir is not None else runs / "cache"
     report = FitReport(runs)
     state: dict[str, Any] = {"started": [], "seconds": {}}
@@ -526,6 +557,11 @@ def fit(
     }
     with _log_to(runs / LOG_FILE):
         for i, stage in enumerate(stages, 1):
+            if not writer:
+                # Rank 0 did every earlier stage before it started this process.
+                if stage in MODELS and _processes(plan, stage) > 1:
+                    actions[stage]()
+                continue
             log(f"[lsdc fit] {i}/{len(stages)} {stage}")
             if stage not in state["started"]:
                 state["started"].append(stage)

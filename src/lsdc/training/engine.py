@@ -22,6 +22,13 @@ run folder
 An interrupted run resumes: finished folds are skipped, an unfinished fold continues from its
 `last.ckpt` (model, optimiser, scheduler and loop state).
 
+Several processes (`engine.devices`, `engine.num_nodes`, `engine.strategy`; Lightning's DDP, started
+by Lightning itself, torchrun or SLURM): every process runs this code, only global rank 0 writes the
+run folder, which must be on a file system all nodes share. Validation and the OOF prediction are
+split across processes by Lightning's distributed samplers; their rows are gathered, the studies the
+validation sampler repeats to even out the shares are dropped, and the rest put back in the
+validation studies' order, so the OOF equals that of one process (up to floating-point noise).
+
 Model contract: `model(batch) -> {"logits": (B, 25, 3), ...}`; batches are dicts holding at
 least `labels` (B, 25) int (-1 = unlabelled) and `study_id` (B,).
 """
@@ -70,6 +77,12 @@ class EngineConfig:
     accumulate_grad_batches: int = 1
     num_workers: int = 0
     accelerator: str = "auto"  # auto | cpu | gpu
+    # Processes per node ("auto": every GPU, one process on CPU), nodes, Lightning strategy
+    # ("ddp" for several processes; "auto" picks it when devices > 1). Under torchrun or srun
+    # they must match the launched processes.
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
     progress_bar: bool = True
     # Which weights a fold keeps (and predicts its OOF with): "last" = the final epoch (an
@@ -137,7 +150,7 @@ def build_lit_module(
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._val: list[dict[str, np.ndarray]] = []
 
         def _loss(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
             if loss_fn is not None:
@@ -156,29 +169,59 @@ def build_lit_module(
         def training_step(self, batch, batch_idx):
             losses = self._loss(self.model(batch), batch)
             bs = batch["labels"].shape[0]
-            self.log("train_loss", losses["loss"], on_step=False, on_epoch=True, batch_size=bs)
+            # sync_dist: the mean over every process (a no-op on one), so that the history
+            # and the checkpoint's val_loss are the same number on every rank.
+            self.log(
+                "train_loss",
+                losses["loss"],
+                on_step=False,
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=True,
+            )
             return losses["loss"]
 
         def validation_step(self, batch, batch_idx):
             out = self.model(batch)
             losses = self._loss(out, batch)
             bs = batch["labels"].shape[0]
-            self.log("val_loss", losses["loss"], on_epoch=True, batch_size=bs, prog_bar=True)
+            # Under DDP this counts the few studies the sampler repeats (fewer than the number
+            # of processes) twice; val_score below does not.
+            self.log(
+                "val_loss",
+                losses["loss"],
+                on_epoch=True,
+                batch_size=bs,
+                prog_bar=True,
+                sync_dist=True,
+            )
             probs = out["logits"].float().softmax(-1)
-            self._val.append((probs.detach().cpu(), batch["labels"].detach().cpu()))
+            self._val.append(
+                {
+                    "study_id": batch["study_id"].detach().cpu().numpy(),
+                    "probs": probs.detach().cpu().numpy(),
+                    "labels": batch["labels"].detach().cpu().numpy(),
+                }
+            )
 
         def on_validation_epoch_end(self) -> None:
-            if not self._val:
-                return
-            probs = torch.cat([p for p, _ in self._val]).numpy()
-            labels = torch.cat([y for _, y in self._val]).numpy()
+            # The whole validation set, each study once, whatever the number of processes.
+            batches = gather_rows(self._val)
             self._val.clear()
-            self.log("val_score", _safe_score(labels, probs)["score"], prog_bar=True)
+            if not batches:
+                return
+            rows = merge_rows(batches)
+            score = _safe_score(rows["labels"], rows["probs"])["score"]
+            # Already the same on every rank; sync_dist only spares Lightning's warning.
+            self.log("val_score", score, prog_bar=True, sync_dist=True)
 
         def predict_step(self, batch, batch_idx):
             out = self.model(batch)
-            extra = {k: out[k].float().cpu() for k in outputs}
-            return batch["study_id"].cpu(), out["logits"].float().softmax(-1).cpu(), extra
+            return {
+                "study_id": batch["study_id"].cpu().numpy(),
+                "probs": out["logits"].float().softmax(-1).cpu().numpy(),
+                **{f"out_{k}": out[k].float().cpu().numpy() for k in outputs},
+            }
 
         def configure_optimizers(self):
             decay, no_decay = [], []
@@ -238,12 +281,83 @@ def _history_callback(path: Path) -> Any:
                 "seconds": time.perf_counter() - self.t0,
             }
             self.entries = [e for e in self.entries if e["epoch"] != epoch] + [entry]
-            atomic_write_text(path, json.dumps(self.entries, indent=1) + "\n")
+            if trainer.is_global_zero:
+                atomic_write_text(path, json.dumps(self.entries, indent=1) + "\n")
 
     return History()
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_global_zero() -> bool:
+    """Whether this process writes files: the only process, or global rank 0 of several.
+    Read from the launcher's environment until Lightning has set up the process group,
+    because the run folder is written before the first fold trains (and, under Lightning's own
+    launcher, before the other processes exist)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    # Lightning's order: torchrun's RANK, its own launcher's LOCAL_RANK (NODE_RANK on the
+    # other nodes), then SLURM's task id, which SLURM sets for an unmanaged process too.
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            rank = int(os.environ[key])
+            break
+    else:
+        rank = 0
+    return rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def gather_rows(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Every process's batches of rows, in rank order, on every process (a collective: all
+    ranks call it together); this process's own batches when it runs alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batches
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, batches)
+    return [b for part in parts for b in part]
+
+
+def merge_rows(
+    batches: Sequence[dict[str, np.ndarray]], order: Sequence[int] | None = None
+) -> dict[str, np.ndarray]:
+    """Batches of study rows (`study_id` (B,) and arrays (B, ...)) -> one array per key with
+    each study once, in the order of `order` (default: first appearance). A study seen twice is
+    one the validation sampler repeated so that every process gets as many: the same inputs
+    through the same weights, so the first copy is kept. ValueError for a study not in
+    `order`: rows from elsewhere would silently enter the OOF."""
+    if not batches:
+        raise ValueError("no rows to merge")
+    ids = np.concatenate([b["study_id"] for b in batches]).astype(np.int64)
+    _, first = np.unique(ids, return_index=True)
+    if order is None:
+        keep = np.sort(first)
+    else:
+        pos = {int(s): i for i, s in enumerate(order)}
+        unknown = sorted({int(ids[i]) for i in first} - pos.keys())
+        if unknown:
+            raise ValueError(f"rows of {len(unknown)} unexpected studies, e.g. {unknown[:5]}")
+        keep = first[np.argsort([pos[int(ids[i])] for i in first], kind="stable")]
+    return {k: np.concatenate([b[k] for b in batches])[keep] for k in batches[0]}
+
+
+def world_size(cfg: EngineConfig) -> int:
+    """The number of processes a Trainer of `cfg` runs ("auto" devices: every GPU, or one
+    process on CPU, as Lightning counts them)."""
+    devices = cfg.devices
+    if devices in ("auto", -1, "-1"):
+        accel, _ = resolve_precision(cfg)
+        devices = max(1, torch.cuda.device_count()) if accel == "gpu" else 1
+    try:
+        return int(devices) * int(cfg.num_nodes)
+    except ValueError:
+        raise ValueError(
+            f"engine.devices must be a number of processes or 'auto', got {cfg.devices!r}"
+        ) from None
 
 
 def _safe_score(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -304,12 +418,13 @@ def _checkpoint_readable(path: Path) -> bool:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to load means the same: unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(
-            f"{path}: damaged checkpoint ({type(exc).__name__}: {first}); "
-            "deleted, the fold trains from its start",
-            file=sys.stderr,
-        )
-        path.unlink(missing_ok=True)
+        if is_global_zero():  # the others reach the same verdict on the same file
+            print(
+                f"{path}: damaged checkpoint ({type(exc).__name__}: {first}); "
+                "deleted, the fold trains from its start",
+                file=sys.stderr,
+            )
+            path.unlink(missing_ok=True)
         return False
     return True
 
@@ -375,8 +490,9 @@ def resolve_run_config(
             )
         # An attempt that failed before any fold trained (too many folds for the studies, a
         # bad cache) left only its settings: nothing to mix, so a retry may change them.
-        for name in (CONFIG_FILE, FOLDS_FILE, RUN_FILE):
-            (run_dir / name).unlink(missing_ok=True)
+        if is_global_zero():
+            for name in (CONFIG_FILE, FOLDS_FILE, RUN_FILE):
+                (run_dir / name).unlink(missing_ok=True)
     return cfg, saved
 
 
@@ -397,13 +513,18 @@ def _trained_anything(run_dir: Path) -> bool:
     return any(run_dir.glob("fold*/checkpoints/*.ckpt")) or any(run_dir.glob("fold*/result.json"))
 
 
-def _loader(ds: Dataset, cfg: EngineConfig, collate, *, train: bool) -> DataLoader:
+def _loader(
+    ds: Dataset, cfg: EngineConfig, collate, *, train: bool, processes: int = 1
+) -> DataLoader:
     gen = torch.Generator().manual_seed(cfg.seed)
+    # Each of `processes` gets its share of the studies (Lightning's distributed sampler);
+    # dropping a share's last partial batch must not leave it none.
+    share = -(-len(ds) // processes)
     return DataLoader(
         ds,
         batch_size=cfg.batch_size,
         shuffle=train,
-        drop_last=train and len(ds) > cfg.batch_size,
+        drop_last=train and share > cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         collate_fn=collate,
@@ -448,7 +569,9 @@ def _train_fold(
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=accel,
-        devices=1,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
@@ -460,7 +583,10 @@ def _train_fold(
         default_root_dir=fold_dir,
         deterministic=False,
     )
-    train_dl = _loader(task.make_dataset(train_ids, True), cfg, task.collate, train=True)
+    processes = trainer.num_devices * trainer.num_nodes
+    train_dl = _loader(
+        task.make_dataset(train_ids, True), cfg, task.collate, train=True, processes=processes
+    )
     val_dl = _loader(task.make_dataset(val_ids, False), cfg, task.collate, train=False)
     last = ckpt_dir / "last.ckpt"
     resume = last if last.exists() and _checkpoint_readable(last) else None
@@ -468,13 +594,16 @@ def _train_fold(
 
     best = ckpt_dir / "best.ckpt"
     chosen = best if cfg.keep == "best" and best.exists() else last
+    # Every process loads the kept weights (written by rank 0 before `fit` returned).
     model.load_state_dict(load_checkpoint_state(chosen))
-    save_model_weights(model, fold_dir / MODEL_FILE)
-    # Predict with the best weights on the validation studies (the OOF of this fold).
-    outputs = trainer.predict(lit, val_dl)
-    ids = torch.cat([o[0] for o in outputs]).numpy()
-    probs = torch.cat([o[1] for o in outputs]).numpy().astype(np.float64)
-    extra = {k: torch.cat([o[2][k] for o in outputs]).numpy() for k in task.oof_outputs}
+    if trainer.is_global_zero:
+        save_model_weights(model, fold_dir / MODEL_FILE)
+    # The OOF of this fold: each process predicts its share of the validation studies
+    # (Lightning's predict sampler repeats none), then every process gets all of them.
+    rows = merge_rows(gather_rows(trainer.predict(lit, val_dl)), val_ids)
+    ids = rows["study_id"]
+    probs = rows["probs"].astype(np.float64)
+    extra = {k: rows[f"out_{k}"] for k in task.oof_outputs}
     entries = history.entries
     epoch_s = float(np.mean([e["seconds"] for e in entries])) if entries else float("nan")
     return ids, probs, epoch_s, extra
@@ -485,9 +614,12 @@ def run_cross_validation(
 ) -> CVResult:
     """Train every (selected) fold of `task` into `run_dir`, resuming what was done; write OOF
     predictions, their score, the class-prior score on the same rows and the curves.
-    `callbacks`: extra Lightning callbacks for every fold's Trainer."""
+    `callbacks`: extra Lightning callbacks for every fold's Trainer. With several processes,
+    each returns the same result and only global rank 0 writes."""
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"engine.keep must be 'best' or 'last', got {cfg.keep!r}")
+    world_size(cfg)  # a mistyped engine.devices fails here, not after the first folds
+    writer = is_global_zero()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ids = np.asarray(task.study_ids, np.int64)
@@ -504,37 +636,48 @@ def run_cross_validation(
             )
         folds = np.asarray([saved[int(s)] for s in ids])
     else:
-        folds = make_folds(ids.tolist(), labels, cfg.folds, cfg.seed)
-        save_folds(folds_path, ids.tolist(), folds)
+        folds = make_folds(ids.tolist(), labels, cfg.folds, cfg.seed)  # the same on every rank
+        if writer:
+            save_folds(folds_path, ids.tolist(), folds)
     n_folds = int(folds.max()) + 1
     selected = list(range(n_folds)) if cfg.train_folds is None else list(cfg.train_folds)
     bad = [k for k in selected if not 0 <= k < n_folds]
     if bad:
         raise ValueError(f"train_folds {bad} outside 0..{n_folds - 1}")
 
-    atomic_write_json(
-        run_dir / RUN_FILE,
-        portable_paths(
-            {
-                "task": task.name,
-                "model_name": task.model_name,
-                "model_kwargs": task.model_kwargs,
-                "folds": selected,
-                "n_folds": n_folds,
-                "model_file": MODEL_FILE,
-                **task.extra,
-            },
-            run_dir,
-        ),
-    )
+    if writer:
+        atomic_write_json(
+            run_dir / RUN_FILE,
+            portable_paths(
+                {
+                    "task": task.name,
+                    "model_name": task.model_name,
+                    "model_kwargs": task.model_kwargs,
+                    "folds": selected,
+                    "n_folds": n_folds,
+                    "model_file": MODEL_FILE,
+                    **task.extra,
+                },
+                run_dir,
+            ),
+        )
 
+    # Decided once, before any fold trains, so that every process skips the same folds: no
+    # fold can finish before all processes have joined its training (Lightning's launcher
+    # starts the others only when rank 0 begins the first fold left, torchrun all at once).
+    finished = {
+        k
+        for k in selected
+        if (run_dir / f"fold{k}" / "result.json").exists()
+        and (run_dir / f"fold{k}" / "oof.npz").exists()
+    }
     oof_ids, oof_probs, fold_seconds, epoch_seconds = [], [], {}, []
     oof_extra: dict[str, list[np.ndarray]] = {k: [] for k in task.oof_outputs}
     for k in selected:
         fold_dir = run_dir / f"fold{k}"
         fold_dir.mkdir(exist_ok=True)
         done = fold_dir / "result.json"
-        if done.exists() and (fold_dir / "oof.npz").exists():
+        if k in finished:
             from lsdc.fileio import load_npz
 
             arrays, meta = load_npz(fold_dir / "oof.npz")
@@ -549,14 +692,19 @@ def run_cross_validation(
                 task, cfg, fold_dir, train_ids, val_ids, callbacks
             )
             fold_seconds[k] = time.perf_counter() - t0
-            save_npz(
-                fold_dir / "oof.npz",
-                {"study_ids": vids, "probs": vprobs, **{f"out_{n}": v for n, v in extra.items()}},
-                {"epoch_seconds": secs},
-            )
-            atomic_write_json(
-                done, {"fold": k, "seconds": fold_seconds[k], "val_studies": len(vids)}
-            )
+            if writer:
+                save_npz(
+                    fold_dir / "oof.npz",
+                    {
+                        "study_ids": vids,
+                        "probs": vprobs,
+                        **{f"out_{n}": v for n, v in extra.items()},
+                    },
+                    {"epoch_seconds": secs},
+                )
+                atomic_write_json(
+                    done, {"fold": k, "seconds": fold_seconds[k], "val_studies": len(vids)}
+                )
         oof_ids.append(vids)
         oof_probs.append(vprobs)
         for name, value in extra.items():
@@ -581,26 +729,16 @@ def run_cross_validation(
     from lsdc.inference.calibration import CALIBRATION_FILE, cross_fitted, fit_calibration
 
     # A calibration left by an earlier attempt must not outlive the settings that made it.
-    (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)
+    if writer:
+        (run_dir / CALIBRATION_FILE).unlink(missing_ok=True)
     if cfg.calibrate and (oof_labels >= 0).any():
-        fit_calibration(oof_labels, probs).save(run_dir / CALIBRATION_FILE)
+        calibration = fit_calibration(oof_labels, probs)
+        if writer:
+            calibration.save(run_dir / CALIBRATION_FILE)
         if len(selected) > 1:
             row_folds = folds[[pos[int(s)] for s in all_ids]]
             calibrated = _safe_score(oof_labels, cross_fitted(oof_labels, probs, row_folds))
-    from lsdc.inference.submission import build_submission, write_submission
-
-    write_submission(build_submission(all_ids, probs), run_dir / "oof.csv")
     outputs = {k: np.concatenate(v) for k, v in oof_extra.items()}
-    save_npz(
-        run_dir / "oof.npz",
-        {
-            "study_ids": all_ids,
-            "probs": probs,
-            "labels": oof_labels,
-            **{f"out_{k}": v for k, v in outputs.items()},
-        },
-        {},
-    )
     result = CVResult(
         run_dir=run_dir,
         study_ids=all_ids,
@@ -613,20 +751,41 @@ def run_cross_validation(
         outputs=outputs,
         calibrated_score=calibrated,
     )
+    if writer:
+        _write_oof(result, selected)
+    return result
+
+
+def _write_oof(result: CVResult, folds: Sequence[int]) -> None:
+    """oof.csv, oof.npz, summary.json and curves.png of a cross-validation."""
+    from lsdc.inference.submission import build_submission, write_submission
+
+    run_dir = result.run_dir
+    write_submission(build_submission(result.study_ids, result.probs), run_dir / "oof.csv")
+    save_npz(
+        run_dir / "oof.npz",
+        {
+            "study_ids": result.study_ids,
+            "probs": result.probs,
+            "labels": result.labels,
+            **{f"out_{k}": v for k, v in result.outputs.items()},
+        },
+        {},
+    )
+    calibrated = result.calibrated_score
     atomic_write_json(
         run_dir / SUMMARY_FILE,
         {
-            "oof_score": score,
+            "oof_score": result.score,
             **({"oof_score_calibrated": calibrated} if calibrated is not None else {}),
-            "prior_score": prior_score,
-            "studies": len(all_ids),
-            "folds": selected,
-            "fold_seconds": {str(k): v for k, v in fold_seconds.items()},
+            "prior_score": result.prior_score,
+            "studies": len(result.study_ids),
+            "folds": list(folds),
+            "fold_seconds": {str(k): v for k, v in result.fold_seconds.items()},
             "epoch_seconds": result.epoch_seconds,
         },
     )
-    plot_curves(run_dir, selected)
-    return result
+    plot_curves(run_dir, folds)
 
 
 def plot_curves(run_dir: str | Path, folds: Sequence[int]) -> Path:

@@ -43,6 +43,7 @@ from lsdc.training.engine import (
     CVResult,
     EngineConfig,
     TrainTask,
+    is_global_zero,
     resolve_run_config,
     run_cross_validation,
 )
@@ -298,8 +299,11 @@ def train_multitask(
         config_path=config_path,
     )  # fmt: skip
     task = multitask_task(cache_dir, cfg, saved.parent)
-    save_config(cfg, saved)
+    if is_global_zero():
+        save_config(cfg, saved)
     result = run_cross_validation(saved.parent, task, cfg.engine, callbacks)
+    if not is_global_zero():
+        return result  # the same result; rank 0 writes its keypoint error
     errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])
     summary_path = saved.parent / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())

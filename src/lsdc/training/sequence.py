@@ -17,6 +17,7 @@ from lsdc.training.engine import (
     CVResult,
     EngineConfig,
     TrainTask,
+    is_global_zero,
     resolve_run_config,
     run_cross_validation,
     weighted_class_prior,
@@ -112,5 +113,6 @@ def train_sequence(
         SequenceTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
         config_path=config_path,
     )  # fmt: skip
-    save_config(cfg, saved)
+    if is_global_zero():
+        save_config(cfg, saved)
     return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine, callbacks)

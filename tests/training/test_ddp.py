@@ -1,0 +1,178 @@
+"""Training on several processes (Lightning DDP): the OOF holds every validation study of each
+fold once, in the order one process gives, and only rank 0 writes the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lsdc.fileio import load_npz
+from lsdc.training.engine import EngineConfig, is_global_zero, merge_rows, world_size
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Appends every atomic write (the temporary file's rename) of every process to $WRITE_LOG.
+_AUDIT = """
+import os
+
+_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    with open(os.environ["WRITE_LOG"], "a") as log:
+        log.write(f"{os.getpid()} {os.fspath(dst)}\\n")
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+"""
+
+
+def _rows(ids: list[int]) -> dict[str, np.ndarray]:
+    ids_ = np.asarray(ids, np.int64)
+    return {"study_id": ids_, "probs": ids_[:, None] * 10.0 + np.arange(3)}
+
+
+def test_merge_rows_keeps_each_study_once_in_the_given_order():
+    # DistributedSampler(shuffle=False) over 5 studies and 2 processes pads to 6 by repeating
+    # the first: rank 0 gets positions 0, 2, 4 and rank 1 gets 1, 3, 0.
+    order = [15, 11, 14, 12, 13]
+    rank0 = [_rows([15, 14]), _rows([13])]
+    rank1 = [_rows([11, 12]), _rows([15])]
+    merged = merge_rows([*rank0, *rank1], order)
+    assert merged["study_id"].tolist() == order
+    np.testing.assert_array_equal(merged["probs"][:, 0], np.asarray(order) * 10.0)
+    assert merge_rows([*rank1, *rank0])["study_id"].tolist() == [11, 12, 15, 14, 13]
+
+
+def test_merge_rows_refuses_rows_of_other_studies():
+    with pytest.raises(ValueError, match="unexpected studies, e.g. \\[99\\]"):
+        merge_rows([_rows([1, 99])], [1, 2])
+    with pytest.raises(ValueError, match="no rows"):
+        merge_rows([], [1])
+
+
+@pytest.mark.parametrize(
+    ("env", "writes"),
+    [
+        ({}, True),  # one process, or rank 0 before Lightning's launcher starts the others
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # started by Lightning in a job
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, second node
+        ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun
+        ({"SLURM_PROCID": "2"}, False),  # srun
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+    ],
+)
+def test_only_global_rank_zero_writes(monkeypatch, env, writes):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_global_zero() is writes
+
+
+def test_world_size_counts_processes_and_refuses_device_lists():
+    assert world_size(EngineConfig(devices=4, num_nodes=2)) == 8
+    assert world_size(EngineConfig(devices="auto", accelerator="cpu")) == 1
+    with pytest.raises(ValueError, match="engine.devices"):
+        world_size(EngineConfig(devices="0,1"))
+
+
+TINY = [
+    "--folds",
+    "2",
+    "--epochs",
+    "1",
+    "model.backbone=test_convnext",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.num_layers=1",
+    "model.dim_feedforward=64",
+    "engine.batch_size=2",
+    "engine.progress_bar=false",
+    "engine.accelerator=cpu",
+    "engine.devices=2",
+    "engine.strategy=ddp",
+]
+
+
+def _lsdc(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python -m lsdc ARGS` (Lightning's launcher starts rank 1 by running it again) -> the
+    finished process and the "pid path" lines of every process's writes."""
+    audit = tmp_path / "audit"
+    audit.mkdir(exist_ok=True)
+    (audit / "sitecustomize.py").write_text(_AUDIT)
+    log = tmp_path / "writes.log"
+    log.unlink(missing_ok=True)
+    path = [str(audit), str(SRC), os.environ.get("PYTHONPATH", "")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "WRITE_LOG": str(log),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lsdc", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_oof_of_every_validation_study_once(toy_sequence_cache, tmp_path):
+    cache = toy_sequence_cache(n_studies=6, size=64)
+    run = tmp_path / "run"
+    proc, writes = _lsdc(["train", "sequence", str(cache), "--out", str(run), *TINY], tmp_path)
+    assert "MEMBER: 2/2" in proc.stderr  # Lightning started the second process
+    assert proc.stdout.count("OOF spinal") == 1, proc.stdout  # rank 0 reports, alone
+
+    # Each file written once, all by one process (rank 0: the one that wrote config.yaml).
+    pids = {line.split(" ", 1)[0] for line in writes}
+    assert len(pids) == 1, writes
+    paths = Counter(Path(line.split(" ", 1)[1]).relative_to(run).as_posix() for line in writes)
+    assert {p for p, n in paths.items() if n > 1} == set(), paths
+    for name in ("config.yaml", "run.json", "oof.npz", "summary.json", "curves.png"):
+        assert paths[name] == 1, name
+
+    folds = pd.read_csv(run / "folds.csv")
+    val = {k: g["study_id"].tolist() for k, g in folds.groupby("fold")}
+    # An odd fold: the validation sampler repeats one of its studies on the second process.
+    assert any(len(ids) % 2 for ids in val.values()), val
+    from lsdc.metrics import score_arrays
+
+    whole, _ = load_npz(run / "oof.npz")
+    assert whole["study_ids"].tolist() == val[0] + val[1]
+    for k, ids in val.items():
+        arrays, _ = load_npz(run / f"fold{k}" / "oof.npz")
+        assert arrays["study_ids"].tolist() == ids  # each once, in the one-process order
+        assert paths[f"fold{k}/model.safetensors"] == 1
+        # With keep=last after one epoch, the epoch's val_score came from the OOF's weights:
+        # equal only if it was computed on the whole validation set, each study once.
+        (entry,) = json.loads((run / f"fold{k}" / "history.json").read_text())
+        labels = whole["labels"][np.isin(whole["study_ids"], ids)]
+        score = score_arrays(labels, arrays["probs"])["score"]
+        np.testing.assert_allclose(entry["val_score"], score, rtol=1e-5)
+    assert json.loads((run / "summary.json").read_text())["studies"] == len(folds)
+
+    # Resume: both processes skip fold 0 and continue fold 1 from its finished last.ckpt (one
+    # on another fold would hang the run or send rows of other studies, which merge_rows
+    # refuses); the OOF is the same.
+    (run / "fold1" / "result.json").unlink()
+    _, writes = _lsdc(["train", "sequence", str(cache), "--out", str(run), *TINY], tmp_path)
+    assert not [line for line in writes if "/fold0/" in line], writes
+    again, _ = load_npz(run / "oof.npz")
+    np.testing.assert_array_equal(again["study_ids"], whole["study_ids"])
+    np.testing.assert_allclose(again["probs"], whole["probs"], atol=1e-6)
+
+    from lsdc.inference.predictor import Predictor
+
+    pred = Predictor.from_run(run, device="cpu").predict_cache(cache, batch_size=2)
+    assert pred.probs.shape == (len(folds), 25, 3)
