@@ -179,24 +179,74 @@ def _texture_features(
     return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _image_features(img: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """HOG plus a mean-pooled thumbnail of one [0, 1] image."""
-    from skimage.feature import hog
+def hog_stack(stack: np.ndarray, orientations: int, cell: int, block: int) -> np.ndarray:
+    """`skimage.feature.hog(img, orientations, (cell, cell), (block, block))` (L2-Hys,
+    feature vector) of every image of a stack `(S, H, W)` at once, with the same bits `(S, F)`.
 
+    scikit-image runs one image at a time (a Cython loop per cell and orientation, a Python loop
+    per block); here every step runs on the whole stack with the same arithmetic: gradients in
+    the image's float type, magnitude and orientation in float64, each cell's sum accumulated
+    in float32 pixel by pixel in the cell's row-major order (as scikit-image's `float total`),
+    each block normalised with the same reductions over the same contiguous 36 values.
+    """
+    img = np.asarray(stack)
+    img = img.astype(np.float32 if img.dtype == np.float32 else np.float64, copy=False)
+    s, h, w = img.shape
+    nr, nc = h // cell, w // cell
+    nbr, nbc = nr - block + 1, nc - block + 1
+    if nbr <= 0 or nbc <= 0:
+        raise ValueError(f"images of {h}x{w} are too small for HOG blocks of {block * cell} px")
+    g_row = np.zeros_like(img)
+    g_col = np.zeros_like(img)
+    g_row[:, 1:-1] = img[:, 2:] - img[:, :-2]
+    g_col[:, :, 1:-1] = img[:, :, 2:] - img[:, :, :-2]
+    g_row, g_col = g_row.astype(np.float64), g_col.astype(np.float64)
+    magnitude = np.hypot(g_col, g_row)
+    angle = np.rad2deg(np.arctan2(g_row, g_col)) % 180
+    # A pixel counts in bin i when end_i <= angle < start_i, the bounds float32 as in skimage;
+    # an angle of 180 (from % 180 of a tiny negative angle) is in none.
+    per_bin = np.float32(180.0 / orientations)
+    bounds = (per_bin * np.arange(orientations + 1, dtype=np.float32)).astype(np.float64)
+    bins = np.searchsorted(bounds, angle, side="right") - 1
+    bins = np.where((bins >= 0) & (bins < orientations), bins, orientations)  # spare slot
+    n = s * nr * nc
+
+    def pixel_major(a: np.ndarray) -> np.ndarray:  # (cell * cell, S * nr * nc)
+        a = a[:, : nr * cell, : nc * cell].reshape(s, nr, cell, nc, cell)
+        return a.transpose(2, 4, 0, 1, 3).reshape(cell * cell, n)
+
+    magnitude, bins = pixel_major(magnitude), pixel_major(bins)
+    slots = bins + (orientations + 1) * np.arange(n)
+    total = np.zeros(n * (orientations + 1), np.float32)
+    for k in range(cell * cell):  # float64 sum rounded to float32 at every step, as skimage
+        i = slots[k]
+        total[i] = total[i] + magnitude[k]
+    hist = total.reshape(s, nr, nc, orientations + 1)[..., :orientations]
+    hist = (hist / np.float32(cell * cell)).astype(np.float64)
+    eps2 = 1e-5**2
+    out = np.empty((s, nbr, nbc, block, block, orientations), img.dtype)
+    for r in range(nbr):
+        for c in range(nbc):
+            b = hist[:, r : r + block, c : c + block, :]
+            b = b / np.sqrt((b**2).reshape(s, -1).sum(axis=1) + eps2)[:, None, None, None]
+            b = np.minimum(b, 0.2)
+            out[:, r, c] = (
+                b / np.sqrt((b**2).reshape(s, -1).sum(axis=1) + eps2)[:, None, None, None]
+            )
+    return out.reshape(s, -1)
+
+
+def _image_features(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, I): HOG plus a mean-pooled thumbnail of every [0, 1] image of a stack."""
     parts = [
-        hog(
-            img,
-            orientations=cfg.hog_orientations,
-            pixels_per_cell=(cfg.hog_pixels_per_cell,) * 2,
-            cells_per_block=(cfg.hog_cells_per_block,) * 2,
-            feature_vector=True,
-        )
+        hog_stack(crops, cfg.hog_orientations, cfg.hog_pixels_per_cell, cfg.hog_cells_per_block)
     ]
     if cfg.thumbnail:
-        k = img.shape[0] // cfg.thumbnail
-        t = img[: k * cfg.thumbnail, : k * cfg.thumbnail]
-        parts.append(t.reshape(cfg.thumbnail, k, cfg.thumbnail, k).mean(axis=(1, 3)).ravel())
-    return np.concatenate(parts).astype(np.float64)
+        s, n = len(crops), crops.shape[1]
+        k, t = n // cfg.thumbnail, cfg.thumbnail
+        thumb = crops[:, : k * t, : k * t].reshape(s, t, k, t, k).mean(axis=(2, 4))
+        parts.append(thumb.reshape(s, -1))
+    return np.concatenate(parts, axis=1).astype(np.float64)
 
 
 def _position_features(positions: np.ndarray, orientation: np.ndarray) -> np.ndarray:
@@ -239,7 +289,7 @@ def slice_features(
             for c, p, h, g in zip(crops, pct, lbp, glcm, strict=True)
         ]
     )  # (S, C)
-    image = np.stack([_image_features(c, cfg) for c in crops])  # (S, I)
+    image = _image_features(crops, cfg)  # (S, I)
     # Series context: how a slice differs from its series and from its neighbours.
     mu, sd = compact.mean(axis=0), compact.std(axis=0) + 1e-6
     zscore = (compact - mu) / sd
