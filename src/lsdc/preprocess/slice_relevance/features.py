@@ -153,30 +153,36 @@ def _glcm_properties(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return np.concatenate(props, axis=1)
 
 
-def _texture_features(
-    img: np.ndarray, cfg: FeatureConfig, pct: np.ndarray, lbp: np.ndarray, glcm: np.ndarray
-) -> np.ndarray:
-    """Compact per-slice descriptors of one [0, 1] image: intensity stats, LBP, GLCM; its
-    percentiles `pct` (5, 25, 50, 75, 95), LBP histograms `lbp` and GLCM properties `glcm`
-    come computed for the stack.
+def _texture_features(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, C) compact descriptors of every [0, 1] image of a stack `(S, n, n)`: intensity stats,
+    LBP, GLCM. Each statistic is one reduction over the stack with the same per-image values
+    as one call per image (same reduction order per image; tests compare the bits).
     """
-    n = img.shape[0]
+    s, n = len(crops), crops.shape[1]
     c0, c1 = n // 3, n - n // 3
+    flat = crops.reshape(s, -1)
+
+    def mean(a: np.ndarray) -> np.ndarray:
+        return a.mean(axis=tuple(range(1, a.ndim)))
+
     stats = [
-        img.mean(),
-        img.std(),
-        *pct,
-        (img > 0.6).mean(),
-        img[c0:c1, c0:c1].mean(),
-        img[c0:c1, c0:c1].std(),
-        img[: n // 2].mean() - img[n // 2 :].mean(),
-        img[:, : n // 2].mean() - img[:, n // 2 :].mean(),
-        np.abs(np.diff(img, axis=0)).mean(),
-        np.abs(np.diff(img, axis=1)).mean(),
+        flat.mean(axis=1),
+        flat.std(axis=1),
+        *np.percentile(flat, [5, 25, 50, 75, 95], axis=1),
+        (flat > 0.6).mean(axis=1),
+        mean(crops[:, c0:c1, c0:c1]),
+        crops[:, c0:c1, c0:c1].std(axis=(1, 2)),
+        mean(crops[:, : n // 2]) - mean(crops[:, n // 2 :]),
+        mean(crops[:, :, : n // 2]) - mean(crops[:, :, n // 2 :]),
+        mean(np.abs(np.diff(crops, axis=1))),
+        mean(np.abs(np.diff(crops, axis=2))),
     ]
-    out = np.concatenate([np.asarray(stats), np.asarray(lbp), np.asarray(glcm)])
+    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
+    glcm = _glcm_properties(crops, cfg)  # (S, G)
+    # Each statistic keeps its own precision (percentiles come in float64), as per image.
+    out = np.concatenate([np.stack(stats, axis=1).astype(np.float64), lbp, glcm], axis=1)
     # Correlation is undefined on a constant image; 0 keeps features finite and deterministic.
-    return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def hog_stack(stack: np.ndarray, orientations: int, cell: int, block: int) -> np.ndarray:
@@ -279,16 +285,7 @@ def slice_features(
     window = feature_window(series_type, vol, cfg)
     crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
     crops = np.clip(crops, 0.0, 1.0)
-    # Per-stack where that is cheaper than per slice (same values: tests compare them).
-    pct = np.percentile(crops.reshape(len(crops), -1), [5, 25, 50, 75, 95], axis=1).T  # (S, 5)
-    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
-    glcm = _glcm_properties(crops, cfg)  # (S, G)
-    compact = np.stack(
-        [
-            _texture_features(c, cfg, p, h, g)
-            for c, p, h, g in zip(crops, pct, lbp, glcm, strict=True)
-        ]
-    )  # (S, C)
+    compact = _texture_features(crops, cfg)  # (S, C)
     image = _image_features(crops, cfg)  # (S, I)
     # Series context: how a slice differs from its series and from its neighbours.
     mu, sd = compact.mean(axis=0), compact.std(axis=0) + 1e-6
