@@ -87,8 +87,10 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
     def shifted(dr: int, dc: int) -> np.ndarray:
         return padded[:, pad + dr : pad + dr + h, pad + dc : pad + dc + w]
 
-    ones = np.zeros((s, h, w), dtype=np.int64)
-    changes = np.zeros((s, h, w), dtype=np.int64)
+    # Counts up to `points` (small ints are cheaper to add than int64).
+    ones = np.zeros((s, h, w), dtype=np.int16)
+    changes = np.zeros((s, h, w), dtype=np.int16)
+    top, bottom = np.empty((s, h, w)), np.empty((s, h, w))  # reused: no fresh pages per point
     prev = None
     for i in range(points):
         r, c = rows + rp[i], cols + cp[i]
@@ -97,14 +99,28 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
         # Per row / column, as scikit-image computes them: (row + offset) - floor(row + offset).
         dr = (r - np.floor(r))[:, None]
         dc = (c - np.floor(c))[None, :]
-        top = (1 - dc) * shifted(r0, c0) + dc * shifted(r0, c1)
-        bottom = (1 - dc) * shifted(r1, c0) + dc * shifted(r1, c1)
-        bit = ((1 - dr) * top + dr * bottom) - img >= 0
+        # `value - img >= 0` is `value >= img` for finite floats (a difference rounds to 0 only
+        # when the two are equal), so the comparisons below are scikit-image's.
+        if not dr.any() and not dc.any():
+            # On the pixel grid (e.g. the four axis-aligned samples): the bilinear sample is
+            # (1 - 0) * pixel + 0 * neighbour, the pixel itself, bit for bit.
+            bit = shifted(r0, c0) >= img
+        else:
+            # ((1 - dr) * ((1 - dc) * a + dc * b) + dr * ((1 - dc) * c + dc * d)), in place;
+            # the same products and sums in the same order (products commute exactly).
+            np.multiply(shifted(r0, c0), 1 - dc, out=top)
+            top += shifted(r0, c1) * dc
+            np.multiply(shifted(r1, c0), 1 - dc, out=bottom)
+            bottom += shifted(r1, c1) * dc
+            top *= 1 - dr
+            bottom *= dr
+            top += bottom
+            bit = top >= img
         ones += bit
         if prev is not None:  # 0/1 transitions along the circle, not wrapping (as skimage)
             changes += bit != prev
         prev = bit
-    return np.where(changes <= 2, ones, points + 1)
+    return np.where(changes <= 2, ones, points + 1).astype(np.int64)
 
 
 def _lbp_histograms(stack_u8: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
