@@ -292,12 +292,16 @@ def slice_features(
     orientation: np.ndarray,
     series_type: str,
     cfg: FeatureConfig,
+    *,
+    normalised: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-slice features `(S, F)` float32 of one series volume `(S, H, W)` (position-sorted).
 
-    Deterministic: the same volume and config give the same bytes.
+    `normalised` is `normalise_volume(volume)` when the caller has it already (the multitask
+    crops use it too), so it is not computed twice. Deterministic: the same volume and config
+    give the same bytes.
     """
-    vol = normalise_volume(volume)
+    vol = normalise_volume(volume) if normalised is None else normalised
     window = feature_window(series_type, vol, cfg)
     crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
     crops = np.clip(crops, 0.0, 1.0)
@@ -342,8 +346,11 @@ class SeriesFeatures:
     orientation: np.ndarray  # (6,) the series' ImageOrientationPatient (canonical ROI frame)
 
 
-def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
-    """`SeriesFeatures` of one `lsdc.io.dicom.Series` (its `series_type` must be set)."""
+def series_features(
+    series: Any, cfg: FeatureConfig, *, normalised: np.ndarray | None = None
+) -> SeriesFeatures:
+    """`SeriesFeatures` of one `lsdc.io.dicom.Series` (its `series_type` must be set);
+    `normalised`: `normalise_volume(series.volume)` when the caller has it."""
     if series.series_type not in SERIES_TYPES:
         raise ValueError(
             f"series {series.study_id}/{series.series_id}: unknown series type "
@@ -356,7 +363,12 @@ def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
         series_id=int(series.series_id),
         series_type=series.series_type,
         features=slice_features(
-            series.volume, series.positions, series.orientation, series.series_type, cfg
+            series.volume,
+            series.positions,
+            series.orientation,
+            series.series_type,
+            cfg,
+            normalised=normalised,
         ),
         instance_numbers=np.asarray(series.instance_numbers, dtype=np.int64),
         native_shapes=np.asarray(shapes, dtype=np.int64),
