@@ -104,9 +104,9 @@ def _reference_image(img, cfg):
     return np.concatenate(parts).astype(np.float64)
 
 
-def _reference_features(vol, pos, orientation, series_type, cfg):
-    """`slice_features` one slice at a time, as before issue 10."""
-    from lsdc.preprocess.crops import crop_and_resize
+def _reference_features(vol, pos, orientation, series_type, cfg, crop):
+    """`slice_features` one slice at a time, as before issue 10 (`crop`: the per-image scipy
+    `crop_and_resize` reference)."""
     from lsdc.preprocess.slice_relevance.features import (
         _position_features,
         feature_window,
@@ -115,7 +115,7 @@ def _reference_features(vol, pos, orientation, series_type, cfg):
 
     norm = normalise_volume(vol)
     window = feature_window(series_type, norm, cfg)
-    crops = [np.clip(crop_and_resize(im, window, cfg.image_size), 0, 1) for im in norm]
+    crops = [np.clip(crop(im, window, cfg.image_size), 0, 1) for im in norm]
     compact = np.stack([_reference_texture(c, cfg) for c in crops])
     image = np.stack([_reference_image(c, cfg) for c in crops])
     zscore = (compact - compact.mean(axis=0)) / (compact.std(axis=0) + 1e-6)
@@ -131,15 +131,30 @@ def _reference_features(vol, pos, orientation, series_type, cfg):
      (50, 70, 2, SAGITTAL_T1)],
 )  # fmt: skip
 def test_stack_features_have_the_bits_of_the_per_slice_reference(
-    toy_sagittal, size, width, slices, series_type
+    toy_sagittal, scipy_crop, size, width, slices, series_type
 ):
     vol, _ = toy_sagittal(size=size, slices=slices, width=width, seed=size)
     pos = np.c_[np.arange(slices) * 3.0, np.zeros(slices), np.zeros(slices)]
     cfg = FeatureConfig()
     feats = slice_features(vol, pos, SAG_ORIENT, series_type, cfg)
-    ref = _reference_features(vol, pos, SAG_ORIENT, series_type, cfg)
+    ref = _reference_features(vol, pos, SAG_ORIENT, series_type, cfg, scipy_crop)
     assert feats.shape == ref.shape
     assert feats.tobytes() == ref.tobytes()
+
+
+def test_features_of_phantom_series_have_the_bits_of_the_per_slice_reference(
+    tiny_dataset, scipy_crop
+):
+    """Every series of the tiny phantom (all three types, real DICOM geometry)."""
+    from lsdc.io.study import load_study
+
+    root, _ = tiny_dataset
+    cfg = FeatureConfig()
+    for study_id, series_types in dataset_descriptions(str(root), "train").items():
+        for s in load_study(root, study_id, descriptions=series_types).series:
+            args = (s.volume, s.positions, s.orientation, s.series_type, cfg)
+            ref = _reference_features(*args, scipy_crop)
+            assert slice_features(*args).tobytes() == ref.tobytes(), (study_id, s.series_id)
 
 
 @pytest.fixture(scope="module")

@@ -304,7 +304,8 @@ def slice_features(
     vol = normalise_volume(volume) if normalised is None else normalised
     window = feature_window(series_type, vol, cfg)
     crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
-    crops = np.clip(crops, 0.0, 1.0)
+    # C order: the per-stack reductions below then visit each image as a per-image call would.
+    crops = np.ascontiguousarray(np.clip(crops, 0.0, 1.0))
     compact = _texture_features(crops, cfg)  # (S, C)
     image = _image_features(crops, cfg)  # (S, I)
     # Series context: how a slice differs from its series and from its neighbours.
