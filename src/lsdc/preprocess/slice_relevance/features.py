@@ -224,13 +224,19 @@ def hog_stack(stack: np.ndarray, orientations: int, cell: int, block: int) -> np
     g_col[:, :, 1:-1] = img[:, :, 2:] - img[:, :, :-2]
     g_row, g_col = g_row.astype(np.float64), g_col.astype(np.float64)
     magnitude = np.hypot(g_col, g_row)
-    angle = np.rad2deg(np.arctan2(g_row, g_col)) % 180
+    degrees = np.rad2deg(np.arctan2(g_row, g_col))  # in [-180, 180]
+    # skimage takes `degrees % 180`; on [-180, 180] that is `degrees + 180` below 0 (which
+    # rounds to 180 for a tiny negative angle), 0 at exactly 180 and `degrees` elsewhere,
+    # without the cost of a float remainder.
+    angle = np.where(degrees < 0, degrees + 180.0, degrees)
+    angle[degrees == 180.0] = 0.0
     # A pixel counts in bin i when end_i <= angle < start_i, the bounds float32 as in skimage;
-    # an angle of 180 (from % 180 of a tiny negative angle) is in none.
+    # an angle of 180 is in none (the spare slot). Counting bounds beats a search.
     per_bin = np.float32(180.0 / orientations)
     bounds = (per_bin * np.arange(orientations + 1, dtype=np.float32)).astype(np.float64)
-    bins = np.searchsorted(bounds, angle, side="right") - 1
-    bins = np.where((bins >= 0) & (bins < orientations), bins, orientations)  # spare slot
+    bins = np.zeros(angle.shape, np.uint8)
+    for bound in bounds[1:]:
+        bins += angle >= bound
     n = s * nr * nc
 
     def pixel_major(a: np.ndarray) -> np.ndarray:  # (cell * cell, S * nr * nc)
