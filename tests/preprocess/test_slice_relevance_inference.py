@@ -47,7 +47,14 @@ def test_stacked_hog_equals_scikit_image():
 
     rng = np.random.default_rng(0)
     noise = rng.random((4, 64, 64)).astype(np.float32)
+    # Tiny negative row gradients against unit column gradients: angles a hair below 0, which
+    # % 180 rounds to 180, in no bin.
+    tiny = np.zeros((1, 64, 64), np.float32)
+    tiny[0, :, 2::3] = 1.0
+    tiny[0, :, 1::3] = -np.arange(64, dtype=np.float32)[:, None] * np.float32(1e-30)
+    tiny[0, :, 0::3] = np.arange(64, dtype=np.float32)[:, None] / 4  # other bins beside them
     stacks = [
+        tiny,
         noise,
         np.round(noise * 4) / 4,  # many equal neighbours: gradients 0 and angles on bin edges
         np.zeros((2, 64, 64), np.float32),
