@@ -52,7 +52,10 @@ def normalise_volume(volume: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(vol, [1.0, 99.5])
     if not hi > lo:
         return np.zeros_like(vol)
-    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0)
+    # Computed in float64 (the percentiles are), rounded once to float32: every consumer (crops,
+    # the sagittal ROI) reads float32, and rounding commutes with clipping to [0, 1].
+    out = ((vol - lo) / (hi - lo)).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def feature_window(series_type: str, volume: np.ndarray, cfg: FeatureConfig) -> Window:
