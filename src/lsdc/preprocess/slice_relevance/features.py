@@ -93,7 +93,10 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
     # Counts up to `points` (small ints are cheaper to add than int64).
     ones = np.zeros((s, h, w), dtype=np.int16)
     changes = np.zeros((s, h, w), dtype=np.int16)
-    top, bottom = np.empty((s, h, w)), np.empty((s, h, w))  # reused: no fresh pages per point
+    value, lower = np.empty((s, h, w)), np.empty((s, h, w))  # reused: no fresh pages per point
+    # `(1 - dc) * a + dc * b` along every padded row, per column offset: samples that differ
+    # only in their row offset (mirror images about the horizontal) share it.
+    along_rows: dict[float, np.ndarray] = {}
     prev = None
     for i in range(points):
         r, c = rows + rp[i], cols + cp[i]
@@ -109,16 +112,17 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
             # (1 - 0) * pixel + 0 * neighbour, the pixel itself, bit for bit.
             bit = shifted(r0, c0) >= img
         else:
-            # ((1 - dr) * ((1 - dc) * a + dc * b) + dr * ((1 - dc) * c + dc * d)), in place;
-            # the same products and sums in the same order (products commute exactly).
-            np.multiply(shifted(r0, c0), 1 - dc, out=top)
-            top += shifted(r0, c1) * dc
-            np.multiply(shifted(r1, c0), 1 - dc, out=bottom)
-            bottom += shifted(r1, c1) * dc
-            top *= 1 - dr
-            bottom *= dr
-            top += bottom
-            bit = top >= img
+            # (1 - dr) * ((1 - dc) * a + dc * b) + dr * ((1 - dc) * c + dc * d): the same
+            # products and sums in the same order (products commute exactly).
+            if cp[i] not in along_rows:
+                left = padded[:, :, pad + c0 : pad + c0 + w]
+                right = padded[:, :, pad + c1 : pad + c1 + w]
+                along_rows[cp[i]] = left * (1 - dc) + right * dc
+            interp = along_rows[cp[i]]
+            np.multiply(interp[:, pad + r0 : pad + r0 + h], 1 - dr, out=value)
+            np.multiply(interp[:, pad + r1 : pad + r1 + h], dr, out=lower)
+            value += lower
+            bit = value >= img
         ones += bit
         if prev is not None:  # 0/1 transitions along the circle, not wrapping (as skimage)
             changes += bit != prev
