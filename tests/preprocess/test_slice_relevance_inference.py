@@ -21,7 +21,11 @@ from lsdc.preprocess.slice_relevance import (
     soft_vote,
     train_slice_relevance,
 )
-from lsdc.preprocess.slice_relevance.features import hog_stack, lbp_uniform
+from lsdc.preprocess.slice_relevance.features import (
+    hog_stack,
+    lbp_uniform,
+    volume_percentiles,
+)
 
 FAST = ["folds=2", "models.rf_trees=40", "models.xgb_trees=30", "models.mlp_max_iter=200"]
 SAG_ORIENT = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
@@ -40,6 +44,25 @@ def test_stacked_lbp_equals_scikit_image():
         for radius in (1, 2, 3):
             ref = np.stack([local_binary_pattern(im, 8, radius, method="uniform") for im in stack])
             np.testing.assert_array_equal(lbp_uniform(stack, 8, radius), ref)
+
+
+def test_volume_percentiles_equal_numpy():
+    rng = np.random.default_rng(0)
+    shape = (5, 130, 110)
+    volumes = [
+        rng.integers(0, 4000, shape).astype(np.float32),  # MR-like: integers, many ties
+        rng.integers(0, 3, shape).astype(np.float32),  # almost all ties
+        (rng.random(shape) * 1000).astype(np.float32),
+        np.abs(rng.normal(0, 1, shape)).astype(np.float32) ** 3,  # many octaves
+        rng.normal(0, 1, shape).astype(np.float32),  # negative values: numpy's own path
+        np.where(rng.random(shape) < 0.01, np.nan, 1.0).astype(np.float32),  # NaN: numpy's
+        rng.random((3, 20, 20)).astype(np.float32),  # small: numpy's
+    ]
+    for vol in volumes:
+        for q in ([1.0, 99.5], [5, 25, 50, 75, 95], [0, 100], np.linspace(0.3, 99.7, 41)):
+            ref = np.percentile(vol, q)
+            got = volume_percentiles(vol, q)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), q
 
 
 def test_stacked_hog_equals_scikit_image():
