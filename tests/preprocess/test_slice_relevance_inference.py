@@ -24,6 +24,7 @@ from lsdc.preprocess.slice_relevance import (
 from lsdc.preprocess.slice_relevance.features import (
     hog_stack,
     lbp_uniform,
+    row_percentiles,
     volume_percentiles,
 )
 
@@ -46,7 +47,7 @@ def test_stacked_lbp_equals_scikit_image():
             np.testing.assert_array_equal(lbp_uniform(stack, 8, radius), ref)
 
 
-def test_volume_percentiles_equal_numpy():
+def test_volume_and_row_percentiles_equal_numpy():
     rng = np.random.default_rng(0)
     shape = (5, 130, 110)
     volumes = [
@@ -62,6 +63,10 @@ def test_volume_percentiles_equal_numpy():
         for q in ([1.0, 99.5], [5, 25, 50, 75, 95], [0, 100], np.linspace(0.3, 99.7, 41)):
             ref = np.percentile(vol, q)
             got = volume_percentiles(vol, q)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), q
+            rows = vol.reshape(len(vol), -1)[:, :4096]  # the feature crops' percentiles
+            ref = np.percentile(rows, q, axis=1)
+            got = row_percentiles(rows, q)
             assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), q
 
 
