@@ -279,7 +279,7 @@ def hog_stack(stack: np.ndarray, orientations: int, cell: int, block: int) -> np
     per block); here every step runs on the whole stack with the same arithmetic: gradients in
     the image's float type, magnitude and orientation in float64, each cell's sum accumulated
     in float32 pixel by pixel in the cell's row-major order (as scikit-image's `float total`),
-    each block normalised with the same reductions over the same contiguous 36 values.
+    each block normalised with the same reductions over the same contiguous block values.
     """
     img = np.asarray(stack)
     img = img.astype(np.float32 if img.dtype == np.float32 else np.float64, copy=False)
