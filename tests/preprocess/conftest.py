@@ -44,6 +44,36 @@ def make_toy_sagittal(
     return vol.astype(np.float32), np.asarray(points, np.float64)
 
 
+def scipy_crop_and_resize(img, window, size, order=1):
+    """The reference: `crop_and_resize` of one image as it was before issue 10 (one Gaussian
+    prefilter and one `scipy.ndimage.affine_transform` call per image)."""
+    from scipy import ndimage
+
+    img = np.asarray(img, dtype=np.float32)
+    y0, y1, x0, x1 = window
+    h, w = (size, size) if isinstance(size, int) else size
+    fy, fx = (y1 - y0) / h, (x1 - x0) / w
+    sigma = (max(0.0, (fy - 1) / 2), max(0.0, (fx - 1) / 2))
+    if sigma[0] > 0 or sigma[1] > 0:
+        pad = int(np.ceil(4 * max(sigma))) + 2
+        ry0, ry1 = max(0, y0 - pad), min(img.shape[0], y1 + pad)
+        rx0, rx1 = max(0, x0 - pad), min(img.shape[1], x1 + pad)
+        if ry1 <= ry0 or rx1 <= rx0:
+            return np.zeros((h, w), np.float32)
+        img = ndimage.gaussian_filter(img[ry0:ry1, rx0:rx1], sigma, mode="nearest")
+        y0, y1, x0, x1 = y0 - ry0, y1 - ry0, x0 - rx0, x1 - rx0
+    offset = (y0 - 0.5 + 0.5 * fy, x0 - 0.5 + 0.5 * fx)
+    return ndimage.affine_transform(
+        img, (fy, fx), offset=offset, output_shape=(h, w), order=order, mode="constant"
+    ).astype(np.float32, copy=False)
+
+
+@pytest.fixture
+def scipy_crop():
+    """The `scipy_crop_and_resize` reference."""
+    return scipy_crop_and_resize
+
+
 @pytest.fixture
 def toy_sagittal():
     """The `make_toy_sagittal` factory."""

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lsdc.constants import SAGITTAL_T1
+from lsdc.constants import AXIAL_T2, SAGITTAL_T1
 from lsdc.preprocess.slice_relevance import (
     ENSEMBLE,
     FeatureConfig,
@@ -21,7 +21,12 @@ from lsdc.preprocess.slice_relevance import (
     soft_vote,
     train_slice_relevance,
 )
-from lsdc.preprocess.slice_relevance.features import lbp_uniform
+from lsdc.preprocess.slice_relevance.features import (
+    hog_stack,
+    lbp_uniform,
+    row_percentiles,
+    volume_percentiles,
+)
 
 FAST = ["folds=2", "models.rf_trees=40", "models.xgb_trees=30", "models.mlp_max_iter=200"]
 SAG_ORIENT = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
@@ -40,6 +45,57 @@ def test_stacked_lbp_equals_scikit_image():
         for radius in (1, 2, 3):
             ref = np.stack([local_binary_pattern(im, 8, radius, method="uniform") for im in stack])
             np.testing.assert_array_equal(lbp_uniform(stack, 8, radius), ref)
+
+
+def test_volume_and_row_percentiles_equal_numpy():
+    rng = np.random.default_rng(0)
+    shape = (5, 130, 110)
+    volumes = [
+        rng.integers(0, 4000, shape).astype(np.float32),  # MR-like: integers, many ties
+        rng.integers(0, 3, shape).astype(np.float32),  # almost all ties
+        (rng.random(shape) * 1000).astype(np.float32),
+        np.abs(rng.normal(0, 1, shape)).astype(np.float32) ** 3,  # many octaves
+        rng.normal(0, 1, shape).astype(np.float32),  # negative values: numpy's own path
+        np.where(rng.random(shape) < 0.01, np.nan, 1.0).astype(np.float32),  # NaN: numpy's
+        rng.random((3, 20, 20)).astype(np.float32),  # small: numpy's
+    ]
+    for vol in volumes:
+        for q in ([1.0, 99.5], [5, 25, 50, 75, 95], [0, 100], np.linspace(0.3, 99.7, 41)):
+            ref = np.percentile(vol, q)
+            got = volume_percentiles(vol, q)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), q
+            rows = vol.reshape(len(vol), -1)[:, :4096]  # the feature crops' percentiles
+            ref = np.percentile(rows, q, axis=1)
+            got = row_percentiles(rows, q)
+            assert got.dtype == ref.dtype and got.tobytes() == ref.tobytes(), q
+
+
+def test_stacked_hog_equals_scikit_image():
+    from skimage.feature import hog
+
+    rng = np.random.default_rng(0)
+    noise = rng.random((4, 64, 64)).astype(np.float32)
+    # Tiny negative row gradients against unit column gradients: angles a hair below 0, which
+    # % 180 rounds to 180, in no bin.
+    tiny = np.zeros((1, 64, 64), np.float32)
+    tiny[0, :, 2::3] = 1.0
+    tiny[0, :, 1::3] = -np.arange(64, dtype=np.float32)[:, None] * np.float32(1e-30)
+    tiny[0, :, 0::3] = np.arange(64, dtype=np.float32)[:, None] / 4  # other bins beside them
+    stacks = [
+        tiny,
+        noise,
+        np.round(noise * 4) / 4,  # many equal neighbours: gradients 0 and angles on bin edges
+        np.zeros((2, 64, 64), np.float32),
+        rng.random((3, 70, 50)).astype(np.float32),  # cells do not tile the image
+        rng.random((2, 48, 48)),  # float64 in, float64 out
+        np.flip(noise, axis=1),  # horizontal edges of both signs: angles of exactly 180
+    ]
+    for stack in stacks:
+        for orientations, cell, block in ((9, 16, 2), (8, 8, 3)):
+            ref = np.stack([hog(im, orientations, (cell,) * 2, (block,) * 2) for im in stack])
+            got = hog_stack(stack, orientations, cell, block)
+            assert got.dtype == ref.dtype
+            assert got.tobytes() == ref.tobytes()
 
 
 def _reference_texture(img, cfg):
@@ -70,19 +126,70 @@ def _reference_texture(img, cfg):
     return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def test_stack_features_have_the_bits_of_the_per_slice_reference(toy_sagittal):
-    from lsdc.preprocess.crops import crop_and_resize
-    from lsdc.preprocess.slice_relevance.features import feature_window, normalise_volume
+def _reference_image(img, cfg):
+    """HOG and thumbnail of one image as computed before issue 10 (scikit-image per slice)."""
+    from skimage.feature import hog
 
-    vol, _ = toy_sagittal(size=64, slices=6)
-    pos = np.c_[np.arange(6) * 3.0, np.zeros(6), np.zeros(6)]
-    cfg = FeatureConfig()
-    feats = slice_features(vol, pos, SAG_ORIENT, SAGITTAL_T1, cfg)
+    cells, block = (cfg.hog_pixels_per_cell,) * 2, (cfg.hog_cells_per_block,) * 2
+    parts = [hog(img, orientations=cfg.hog_orientations, pixels_per_cell=cells,
+                 cells_per_block=block, feature_vector=True)]  # fmt: skip
+    k = img.shape[0] // cfg.thumbnail
+    t = img[: k * cfg.thumbnail, : k * cfg.thumbnail]
+    parts.append(t.reshape(cfg.thumbnail, k, cfg.thumbnail, k).mean(axis=(1, 3)).ravel())
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _reference_features(vol, pos, orientation, series_type, cfg, crop):
+    """`slice_features` one slice at a time, as before issue 10 (`crop`: the per-image scipy
+    `crop_and_resize` reference)."""
+    from lsdc.preprocess.slice_relevance.features import (
+        _position_features,
+        feature_window,
+        normalise_volume,
+    )
+
     norm = normalise_volume(vol)
-    crops = np.clip(crop_and_resize(norm, feature_window(SAGITTAL_T1, norm, cfg), 64), 0, 1)
-    ref = np.stack([_reference_texture(c, cfg) for c in crops]).astype(np.float32)
-    image_width = feats.shape[1] - 4 * ref.shape[1] - 3  # image | compact | 3 contexts | pos
-    assert feats[:, image_width : image_width + ref.shape[1]].tobytes() == ref.tobytes()
+    window = feature_window(series_type, norm, cfg)
+    crops = [np.clip(crop(im, window, cfg.image_size), 0, 1) for im in norm]
+    compact = np.stack([_reference_texture(c, cfg) for c in crops])
+    image = np.stack([_reference_image(c, cfg) for c in crops])
+    zscore = (compact - compact.mean(axis=0)) / (compact.std(axis=0) + 1e-6)
+    prev = np.vstack([compact[:1], compact[:-1]])
+    nxt = np.vstack([compact[1:], compact[-1:]])
+    ctx = [zscore, compact - prev, compact - nxt, _position_features(pos, orientation)]
+    return np.concatenate([image, compact, *ctx], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "slices", "series_type"),
+    [(64, None, 6, SAGITTAL_T1), (128, 100, 9, SAGITTAL_T1), (96, None, 5, AXIAL_T2),
+     (50, 70, 2, SAGITTAL_T1)],
+)  # fmt: skip
+def test_stack_features_have_the_bits_of_the_per_slice_reference(
+    toy_sagittal, scipy_crop, size, width, slices, series_type
+):
+    vol, _ = toy_sagittal(size=size, slices=slices, width=width, seed=size)
+    pos = np.c_[np.arange(slices) * 3.0, np.zeros(slices), np.zeros(slices)]
+    cfg = FeatureConfig()
+    feats = slice_features(vol, pos, SAG_ORIENT, series_type, cfg)
+    ref = _reference_features(vol, pos, SAG_ORIENT, series_type, cfg, scipy_crop)
+    assert feats.shape == ref.shape
+    assert feats.tobytes() == ref.tobytes()
+
+
+def test_features_of_phantom_series_have_the_bits_of_the_per_slice_reference(
+    tiny_dataset, scipy_crop
+):
+    """Every series of the tiny phantom (all three types, real DICOM geometry)."""
+    from lsdc.io.study import load_study
+
+    root, _ = tiny_dataset
+    cfg = FeatureConfig()
+    for study_id, series_types in dataset_descriptions(str(root), "train").items():
+        for s in load_study(root, study_id, descriptions=series_types).series:
+            args = (s.volume, s.positions, s.orientation, s.series_type, cfg)
+            ref = _reference_features(*args, scipy_crop)
+            assert slice_features(*args).tobytes() == ref.tobytes(), (study_id, s.series_id)
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,25 @@ def points_inside(points_xy: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarra
 # --------------------------------------------------------------------------- crop + resize
 
 
+def _linear_taps(
+    n_out: int, n_in: int, zoom: float, offset: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Along one axis, for output index k sampling input coordinate `k * zoom + offset`: the two
+    source indices, their weights and whether k lies on the input, computed as
+    `scipy.ndimage.affine_transform` (order 1, mode "constant") does: coordinate
+    `(k + offset / zoom) * zoom`; weights `1 - f` and `1 - (1 - f)`; outside `[0, n_in - 1]`
+    the output is 0; at the last pixel the (zero-weight) neighbour is mirrored."""
+    cc = (np.arange(n_out, dtype=np.float64) + offset / zoom) * zoom
+    inside = (cc >= 0) & (cc <= n_in - 1)
+    cc = np.where(inside, cc, 0.0)
+    start = np.floor(cc)
+    w0 = 1.0 - (cc - start)
+    w1 = 1.0 - w0
+    i0 = start.astype(np.intp)
+    i1 = np.where(i0 + 1 < n_in, i0 + 1, max(n_in - 2, 0))
+    return i0, i1, w0, w1, inside
+
+
 def crop_and_resize(
     image: np.ndarray, window: Window, size: int | tuple[int, int], *, order: int = 1
 ) -> np.ndarray:
@@ -145,12 +164,18 @@ def crop_and_resize(
     Bilinear (`order=1`) sampling of exactly the mapping of `map_points_to_crop`; when shrinking,
     a Gaussian prefilter (sigma = (factor - 1) / 2, as scikit-image does) avoids aliasing.
     Pixels outside the native image are 0.
+
+    A stack is resampled in one pass with the arithmetic of `scipy.ndimage.affine_transform`
+    (order 1) on each image: per pixel `t = 0.0; t += (v * wy) * wx` over the four neighbours
+    in float64, rounded to float32, so the values are those of one scipy call per image (tests
+    compare the bits) without a call per slice; a window of the output's size (no resampling)
+    is a copy. Other orders go through scipy one image at a time.
     """
     img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3:
-        return np.stack([crop_and_resize(s, window, size, order=order) for s in img])
-    if img.ndim != 2:
+    if img.ndim not in (2, 3):
         raise ValueError(f"expected (H, W) or (S, H, W), got shape {img.shape}")
+    if img.ndim == 2:
+        return crop_and_resize(img[None], window, size, order=order)[0]
     y0, y1, x0, x1 = _check_window(window)
     h, w = _size_hw(size)
     fy, fx = (y1 - y0) / h, (x1 - x0) / w
@@ -158,17 +183,51 @@ def crop_and_resize(
     if sigma[0] > 0 or sigma[1] > 0:
         # Filter only the part that is sampled (plus the filter's reach) to keep big images cheap.
         pad = int(np.ceil(4 * max(sigma))) + 2
-        ry0, ry1 = max(0, y0 - pad), min(img.shape[0], y1 + pad)
-        rx0, rx1 = max(0, x0 - pad), min(img.shape[1], x1 + pad)
+        ry0, ry1 = max(0, y0 - pad), min(img.shape[1], y1 + pad)
+        rx0, rx1 = max(0, x0 - pad), min(img.shape[2], x1 + pad)
         if ry1 <= ry0 or rx1 <= rx0:
-            return np.zeros((h, w), np.float32)
-        img = ndimage.gaussian_filter(img[ry0:ry1, rx0:rx1], sigma, mode="nearest")
+            return np.zeros((len(img), h, w), np.float32)
+        # Sigma 0 along the stack: scipy skips that axis, each image is filtered on its own.
+        img = ndimage.gaussian_filter(img[:, ry0:ry1, rx0:rx1], (0.0, *sigma), mode="nearest")
         y0, y1, x0, x1 = y0 - ry0, y1 - ry0, x0 - rx0, x1 - rx0
     # output[i, j] = input[fy * i + oy, fx * j + ox], the pixel-centre mapping above.
     offset = (y0 - 0.5 + 0.5 * fy, x0 - 0.5 + 0.5 * fx)
-    return ndimage.affine_transform(
-        img, (fy, fx), offset=offset, output_shape=(h, w), order=order, mode="constant", cval=0.0
-    ).astype(np.float32, copy=False)
+    if order != 1:
+        return np.stack(
+            [
+                ndimage.affine_transform(
+                    im, (fy, fx), offset=offset, output_shape=(h, w), order=order,
+                    mode="constant", cval=0.0,
+                ).astype(np.float32, copy=False)
+                for im in img
+            ]
+        )  # fmt: skip
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN in scipy too
+        if fy == 1.0 and fx == 1.0 and np.isfinite(img).all():
+            # Weights 1 and 0: each pixel is 0.0 + v (finite neighbours times 0 add nothing).
+            out = np.zeros((len(img), h, w), np.float32)
+            sy0, sy1 = max(y0, 0), min(y1, img.shape[1])
+            sx0, sx1 = max(x0, 0), min(x1, img.shape[2])
+            if sy1 > sy0 and sx1 > sx0:
+                out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[:, sy0:sy1, sx0:sx1] + 0.0
+            return out
+        iy0, iy1, wy0, wy1, in_y = _linear_taps(h, img.shape[1], fy, offset[0])
+        ix0, ix1, wx0, wx1, in_x = _linear_taps(w, img.shape[2], fx, offset[1])
+        rows0, rows1 = img[:, iy0], img[:, iy1]
+        wy0, wy1 = wy0[:, None], wy1[:, None]
+        t = rows0[:, :, ix0] * wy0
+        t *= wx0
+        t += 0.0  # scipy starts from t = 0.0: a -0.0 first term becomes +0.0
+        term = np.empty_like(t)
+        taps = ((rows0, wy0, ix1, wx1), (rows1, wy1, ix0, wx0), (rows1, wy1, ix1, wx1))
+        for rows, wy, ix, wx in taps:
+            np.multiply(rows[:, :, ix], wy, out=term)
+            term *= wx
+            t += term
+    t[:, ~in_y] = 0.0
+    t[:, :, ~in_x] = 0.0
+    # C order, as a stack of per-image results: reductions over it (features) depend on layout.
+    return t.astype(np.float32, order="C")
 
 
 # --------------------------------------------------------------------------- sagittal ROI

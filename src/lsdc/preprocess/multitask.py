@@ -400,10 +400,12 @@ def build_study(
     severity = dataset_severity(str(data_dir)).get(int(study_id)) if split == "train" else None
     predictions: dict[int, Mapping[str, Any]] = {}
     oof_series: frozenset[int] = frozenset()
+    # normalise_volume per series id, shared by the slice-relevance features and the crops.
+    norm_cache: dict[int, np.ndarray] = {}
     if relevance_run is not None:
         from lsdc.preprocess.slice_relevance import load_oof_slices, predict_slices
 
-        predictions = dict(predict_slices(relevance_run, study))
+        predictions = dict(predict_slices(relevance_run, study, norm_cache))
         if split == "train" and cfg.selection.oof:
             # Series the run cross-validated: its out-of-fold slices replace the final models'
             # (which were fitted on this study). Other series of the study keep the final models.
@@ -417,7 +419,6 @@ def build_study(
     arrays: dict[str, np.ndarray] = {}
     crops_meta = []
     dropped_labels: list[str] = []
-    norm_cache: dict[int, np.ndarray] = {}
     window_cache: dict[int, tuple[int, int, int, int]] = {}
     for st in SERIES_TYPES:
         for task in tasks_for(st):
@@ -439,6 +440,7 @@ def build_study(
                 sid = int(series.series_id)
                 if sid not in norm_cache:
                     norm_cache[sid] = normalise_volume(series.volume)
+                if sid not in window_cache:
                     window_cache[sid] = (
                         axial_roi.window(series.volume.shape[1:], orientation=series.orientation)
                         if st == AXIAL_T2

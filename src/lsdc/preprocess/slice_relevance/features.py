@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,79 @@ class FeatureConfig:
 _GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 
 
+def _percentile_positions(n: int, q: Sequence[float]) -> np.ndarray:
+    """numpy's virtual index of each percentile `q` (method "linear") among `n` sorted values."""
+    return (n - 1) * np.true_divide(np.asarray(q, dtype=np.float64), 100)
+
+
+def _numpy_lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """numpy's `_lerp` between neighbouring order statistics, expression for expression."""
+    diff = b - a
+    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
+def _signed_or_nan(values: np.ndarray) -> bool:
+    """Whether a float32 array holds a negative value, -0.0 or NaN (bit patterns above +inf's):
+    only without them do values order as their bit patterns and equal values have equal bits."""
+    return bool(values.view(np.uint32).max() > 0x7F800000)
+
+
+def volume_percentiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """`np.percentile(values, q)` (method "linear") of a float32 array, with the same bits.
+
+    numpy partitions a copy of the whole array, most of normalising a volume. Non-negative
+    float32 values order as their bit patterns, so here each needed order statistic is found
+    in the bucket of its top 16 bits (one histogram, then a partition of one small bucket), and
+    interpolated with numpy's own expressions. Small arrays, negative or NaN values and end
+    percentiles go to numpy itself.
+    """
+    flat = np.ascontiguousarray(values, dtype=np.float32).ravel()
+    n = flat.size
+    virtual = _percentile_positions(n, q)
+    if n < 2**16 or _signed_or_nan(flat) or (virtual < 0).any() or (virtual >= n - 1).any():
+        return np.percentile(flat, q)
+    keys = flat.view(np.uint32)
+    below = np.floor(virtual).astype(np.intp)
+    ranks = np.unique(np.concatenate([below, below + 1]))
+    top = keys >> 16
+    counts = np.bincount(top)
+    ends = np.cumsum(counts)
+    found: dict[int, np.uint32] = {}
+    for bucket in np.unique(np.searchsorted(ends, ranks, side="right")):
+        start = int(ends[bucket] - counts[bucket])
+        local = [int(r) - start for r in ranks if start <= r < ends[bucket]]
+        part = np.partition(keys[top == bucket], local)
+        found.update({start + k: part[k] for k in local})
+    a = np.array([found[int(i)] for i in below], np.uint32).view(np.float32)
+    b = np.array([found[int(i) + 1] for i in below], np.uint32).view(np.float32)
+    return _numpy_lerp(a, b, virtual - below)
+
+
+def row_percentiles(rows: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """`np.percentile(rows, q, axis=1)` `(len(q), R)` of a float32 array `(R, N)`, with the
+    same bits: one (vectorised) sort of every row instead of a partition per row; numpy itself
+    for negative or NaN values and end percentiles."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n = rows.shape[1]
+    virtual = _percentile_positions(n, q)
+    if _signed_or_nan(rows) or (virtual < 0).any() or (virtual >= n - 1).any():
+        return np.percentile(rows, q, axis=1)
+    ordered = np.sort(rows, axis=1)
+    below = np.floor(virtual).astype(np.intp)
+    t = (virtual - below)[:, None]
+    return _numpy_lerp(ordered[:, below].T, ordered[:, below + 1].T, t)
+
+
 def normalise_volume(volume: np.ndarray) -> np.ndarray:
     """Series-wise intensity normalisation to [0, 1] (1st..99.5th percentile), float32."""
     vol = np.asarray(volume, dtype=np.float32)
-    lo, hi = np.percentile(vol, [1.0, 99.5])
+    lo, hi = volume_percentiles(vol, [1.0, 99.5])
     if not hi > lo:
         return np.zeros_like(vol)
-    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0)
+    # Computed in float64 (the percentiles are), rounded once to float32: every consumer (crops,
+    # the sagittal ROI) reads float32, and rounding commutes with clipping to [0, 1].
+    out = ((vol - lo) / (hi - lo)).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def feature_window(series_type: str, volume: np.ndarray, cfg: FeatureConfig) -> Window:
@@ -87,8 +153,13 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
     def shifted(dr: int, dc: int) -> np.ndarray:
         return padded[:, pad + dr : pad + dr + h, pad + dc : pad + dc + w]
 
-    ones = np.zeros((s, h, w), dtype=np.int64)
-    changes = np.zeros((s, h, w), dtype=np.int64)
+    # Counts up to `points` (small ints are cheaper to add than int64).
+    ones = np.zeros((s, h, w), dtype=np.int16)
+    changes = np.zeros((s, h, w), dtype=np.int16)
+    value, lower = np.empty((s, h, w)), np.empty((s, h, w))  # reused: no fresh pages per point
+    # `(1 - dc) * a + dc * b` along every padded row, per column offset: samples that differ
+    # only in their row offset (mirror images about the horizontal) share it.
+    along_rows: dict[float, np.ndarray] = {}
     prev = None
     for i in range(points):
         r, c = rows + rp[i], cols + cp[i]
@@ -97,14 +168,29 @@ def lbp_uniform(stack: np.ndarray, points: int, radius: float) -> np.ndarray:
         # Per row / column, as scikit-image computes them: (row + offset) - floor(row + offset).
         dr = (r - np.floor(r))[:, None]
         dc = (c - np.floor(c))[None, :]
-        top = (1 - dc) * shifted(r0, c0) + dc * shifted(r0, c1)
-        bottom = (1 - dc) * shifted(r1, c0) + dc * shifted(r1, c1)
-        bit = ((1 - dr) * top + dr * bottom) - img >= 0
+        # `value - img >= 0` is `value >= img` for finite floats (a difference rounds to 0 only
+        # when the two are equal), so the comparisons below are scikit-image's.
+        if not dr.any() and not dc.any():
+            # On the pixel grid (e.g. the four axis-aligned samples): the bilinear sample is
+            # (1 - 0) * pixel + 0 * neighbour, the pixel itself, bit for bit.
+            bit = shifted(r0, c0) >= img
+        else:
+            # (1 - dr) * ((1 - dc) * a + dc * b) + dr * ((1 - dc) * c + dc * d): the same
+            # products and sums in the same order (products commute exactly).
+            if cp[i] not in along_rows:
+                left = padded[:, :, pad + c0 : pad + c0 + w]
+                right = padded[:, :, pad + c1 : pad + c1 + w]
+                along_rows[cp[i]] = left * (1 - dc) + right * dc
+            interp = along_rows[cp[i]]
+            np.multiply(interp[:, pad + r0 : pad + r0 + h], 1 - dr, out=value)
+            np.multiply(interp[:, pad + r1 : pad + r1 + h], dr, out=lower)
+            value += lower
+            bit = value >= img
         ones += bit
         if prev is not None:  # 0/1 transitions along the circle, not wrapping (as skimage)
             changes += bit != prev
         prev = bit
-    return np.where(changes <= 2, ones, points + 1)
+    return np.where(changes <= 2, ones, points + 1).astype(np.int64)
 
 
 def _lbp_histograms(stack_u8: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
@@ -153,50 +239,112 @@ def _glcm_properties(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return np.concatenate(props, axis=1)
 
 
-def _texture_features(
-    img: np.ndarray, cfg: FeatureConfig, pct: np.ndarray, lbp: np.ndarray, glcm: np.ndarray
-) -> np.ndarray:
-    """Compact per-slice descriptors of one [0, 1] image: intensity stats, LBP, GLCM; its
-    percentiles `pct` (5, 25, 50, 75, 95), LBP histograms `lbp` and GLCM properties `glcm`
-    come computed for the stack.
+def _texture_features(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, C) compact descriptors of every [0, 1] image of a stack `(S, n, n)`: intensity stats,
+    LBP, GLCM. Each statistic is one reduction over the stack with the same per-image values
+    as one call per image (same reduction order per image; tests compare the bits).
     """
-    n = img.shape[0]
+    s, n = len(crops), crops.shape[1]
     c0, c1 = n // 3, n - n // 3
+    flat = crops.reshape(s, -1)
+
+    def mean(a: np.ndarray) -> np.ndarray:
+        return a.mean(axis=tuple(range(1, a.ndim)))
+
     stats = [
-        img.mean(),
-        img.std(),
-        *pct,
-        (img > 0.6).mean(),
-        img[c0:c1, c0:c1].mean(),
-        img[c0:c1, c0:c1].std(),
-        img[: n // 2].mean() - img[n // 2 :].mean(),
-        img[:, : n // 2].mean() - img[:, n // 2 :].mean(),
-        np.abs(np.diff(img, axis=0)).mean(),
-        np.abs(np.diff(img, axis=1)).mean(),
+        flat.mean(axis=1),
+        flat.std(axis=1),
+        *row_percentiles(flat, [5, 25, 50, 75, 95]),
+        (flat > 0.6).mean(axis=1),
+        mean(crops[:, c0:c1, c0:c1]),
+        crops[:, c0:c1, c0:c1].std(axis=(1, 2)),
+        mean(crops[:, : n // 2]) - mean(crops[:, n // 2 :]),
+        mean(crops[:, :, : n // 2]) - mean(crops[:, :, n // 2 :]),
+        mean(np.abs(np.diff(crops, axis=1))),
+        mean(np.abs(np.diff(crops, axis=2))),
     ]
-    out = np.concatenate([np.asarray(stats), np.asarray(lbp), np.asarray(glcm)])
+    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
+    glcm = _glcm_properties(crops, cfg)  # (S, G)
+    # Each statistic keeps its own precision (percentiles come in float64), as per image.
+    out = np.concatenate([np.stack(stats, axis=1).astype(np.float64), lbp, glcm], axis=1)
     # Correlation is undefined on a constant image; 0 keeps features finite and deterministic.
-    return np.nan_to_num(out.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _image_features(img: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """HOG plus a mean-pooled thumbnail of one [0, 1] image."""
-    from skimage.feature import hog
+def hog_stack(stack: np.ndarray, orientations: int, cell: int, block: int) -> np.ndarray:
+    """`skimage.feature.hog(img, orientations, (cell, cell), (block, block))` (L2-Hys,
+    feature vector) of every image of a stack `(S, H, W)` at once, with the same bits `(S, F)`.
 
+    scikit-image runs one image at a time (a Cython loop per cell and orientation, a Python loop
+    per block); here every step runs on the whole stack with the same arithmetic: gradients in
+    the image's float type, magnitude and orientation in float64, each cell's sum accumulated
+    in float32 pixel by pixel in the cell's row-major order (as scikit-image's `float total`),
+    each block normalised with the same reductions over the same contiguous block values.
+    """
+    img = np.asarray(stack)
+    img = img.astype(np.float32 if img.dtype == np.float32 else np.float64, copy=False)
+    s, h, w = img.shape
+    nr, nc = h // cell, w // cell
+    nbr, nbc = nr - block + 1, nc - block + 1
+    if nbr <= 0 or nbc <= 0:
+        raise ValueError(f"images of {h}x{w} are too small for HOG blocks of {block * cell} px")
+    g_row = np.zeros_like(img)
+    g_col = np.zeros_like(img)
+    g_row[:, 1:-1] = img[:, 2:] - img[:, :-2]
+    g_col[:, :, 1:-1] = img[:, :, 2:] - img[:, :, :-2]
+    g_row, g_col = g_row.astype(np.float64), g_col.astype(np.float64)
+    magnitude = np.hypot(g_col, g_row)
+    degrees = np.rad2deg(np.arctan2(g_row, g_col))  # in [-180, 180]
+    # skimage takes `degrees % 180`; on [-180, 180] that is `degrees + 180` below 0 (which
+    # rounds to 180 for a tiny negative angle), 0 at exactly 180 and `degrees` elsewhere,
+    # without the cost of a float remainder.
+    angle = np.where(degrees < 0, degrees + 180.0, degrees)
+    angle[degrees == 180.0] = 0.0
+    # A pixel counts in bin i when end_i <= angle < start_i, the bounds float32 as in skimage;
+    # an angle of 180 is in none (the spare slot). Counting bounds beats a search.
+    per_bin = np.float32(180.0 / orientations)
+    bounds = (per_bin * np.arange(orientations + 1, dtype=np.float32)).astype(np.float64)
+    bins = np.zeros(angle.shape, np.uint8)
+    for bound in bounds[1:]:
+        bins += angle >= bound
+    n = s * nr * nc
+
+    def pixel_major(a: np.ndarray) -> np.ndarray:  # (cell * cell, S * nr * nc)
+        a = a[:, : nr * cell, : nc * cell].reshape(s, nr, cell, nc, cell)
+        return a.transpose(2, 4, 0, 1, 3).reshape(cell * cell, n)
+
+    magnitude, bins = pixel_major(magnitude), pixel_major(bins)
+    slots = bins + (orientations + 1) * np.arange(n)
+    total = np.zeros(n * (orientations + 1), np.float32)
+    for k in range(cell * cell):  # float64 sum rounded to float32 at every step, as skimage
+        i = slots[k]
+        total[i] = total[i] + magnitude[k]
+    hist = total.reshape(s, nr, nc, orientations + 1)[..., :orientations]
+    hist = (hist / np.float32(cell * cell)).astype(np.float64)
+    eps2 = 1e-5**2
+    out = np.empty((s, nbr, nbc, block, block, orientations), img.dtype)
+    for r in range(nbr):
+        for c in range(nbc):
+            b = hist[:, r : r + block, c : c + block, :]
+            b = b / np.sqrt((b**2).reshape(s, -1).sum(axis=1) + eps2)[:, None, None, None]
+            b = np.minimum(b, 0.2)
+            out[:, r, c] = (
+                b / np.sqrt((b**2).reshape(s, -1).sum(axis=1) + eps2)[:, None, None, None]
+            )
+    return out.reshape(s, -1)
+
+
+def _image_features(crops: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """(S, I): HOG plus a mean-pooled thumbnail of every [0, 1] image of a stack."""
     parts = [
-        hog(
-            img,
-            orientations=cfg.hog_orientations,
-            pixels_per_cell=(cfg.hog_pixels_per_cell,) * 2,
-            cells_per_block=(cfg.hog_cells_per_block,) * 2,
-            feature_vector=True,
-        )
+        hog_stack(crops, cfg.hog_orientations, cfg.hog_pixels_per_cell, cfg.hog_cells_per_block)
     ]
     if cfg.thumbnail:
-        k = img.shape[0] // cfg.thumbnail
-        t = img[: k * cfg.thumbnail, : k * cfg.thumbnail]
-        parts.append(t.reshape(cfg.thumbnail, k, cfg.thumbnail, k).mean(axis=(1, 3)).ravel())
-    return np.concatenate(parts).astype(np.float64)
+        s, n = len(crops), crops.shape[1]
+        k, t = n // cfg.thumbnail, cfg.thumbnail
+        thumb = crops[:, : k * t, : k * t].reshape(s, t, k, t, k).mean(axis=(2, 4))
+        parts.append(thumb.reshape(s, -1))
+    return np.concatenate(parts, axis=1).astype(np.float64)
 
 
 def _position_features(positions: np.ndarray, orientation: np.ndarray) -> np.ndarray:
@@ -220,26 +368,22 @@ def slice_features(
     orientation: np.ndarray,
     series_type: str,
     cfg: FeatureConfig,
+    *,
+    normalised: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-slice features `(S, F)` float32 of one series volume `(S, H, W)` (position-sorted).
 
-    Deterministic: the same volume and config give the same bytes.
+    `normalised` is `normalise_volume(volume)` when the caller has it already (the multitask
+    crops use it too), so it is not computed twice. Deterministic: the same volume and config
+    give the same bytes.
     """
-    vol = normalise_volume(volume)
+    vol = normalise_volume(volume) if normalised is None else normalised
     window = feature_window(series_type, vol, cfg)
     crops = crop_and_resize(vol, window, cfg.image_size)  # (S, n, n)
-    crops = np.clip(crops, 0.0, 1.0)
-    # Per-stack where that is cheaper than per slice (same values: tests compare them).
-    pct = np.percentile(crops.reshape(len(crops), -1), [5, 25, 50, 75, 95], axis=1).T  # (S, 5)
-    lbp = _lbp_histograms(np.round(crops * 255).astype(np.uint8), cfg)  # (S, L)
-    glcm = _glcm_properties(crops, cfg)  # (S, G)
-    compact = np.stack(
-        [
-            _texture_features(c, cfg, p, h, g)
-            for c, p, h, g in zip(crops, pct, lbp, glcm, strict=True)
-        ]
-    )  # (S, C)
-    image = np.stack([_image_features(c, cfg) for c in crops])  # (S, I)
+    # C order: the per-stack reductions below then visit each image as a per-image call would.
+    crops = np.ascontiguousarray(np.clip(crops, 0.0, 1.0))
+    compact = _texture_features(crops, cfg)  # (S, C)
+    image = _image_features(crops, cfg)  # (S, I)
     # Series context: how a slice differs from its series and from its neighbours.
     mu, sd = compact.mean(axis=0), compact.std(axis=0) + 1e-6
     zscore = (compact - mu) / sd
@@ -279,8 +423,11 @@ class SeriesFeatures:
     orientation: np.ndarray  # (6,) the series' ImageOrientationPatient (canonical ROI frame)
 
 
-def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
-    """`SeriesFeatures` of one `lsdc.io.dicom.Series` (its `series_type` must be set)."""
+def series_features(
+    series: Any, cfg: FeatureConfig, *, normalised: np.ndarray | None = None
+) -> SeriesFeatures:
+    """`SeriesFeatures` of one `lsdc.io.dicom.Series` (its `series_type` must be set);
+    `normalised`: `normalise_volume(series.volume)` when the caller has it."""
     if series.series_type not in SERIES_TYPES:
         raise ValueError(
             f"series {series.study_id}/{series.series_id}: unknown series type "
@@ -293,7 +440,12 @@ def series_features(series: Any, cfg: FeatureConfig) -> SeriesFeatures:
         series_id=int(series.series_id),
         series_type=series.series_type,
         features=slice_features(
-            series.volume, series.positions, series.orientation, series.series_type, cfg
+            series.volume,
+            series.positions,
+            series.orientation,
+            series.series_type,
+            cfg,
+            normalised=normalised,
         ),
         instance_numbers=np.asarray(series.instance_numbers, dtype=np.int64),
         native_shapes=np.asarray(shapes, dtype=np.int64),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,11 @@ from lsdc.preprocess.crops import (
 )
 from lsdc.preprocess.slice_relevance.config import SliceRelevanceConfig
 from lsdc.preprocess.slice_relevance.cv import OOF_SLICE_COLUMNS, OOF_SLICES_FILE
-from lsdc.preprocess.slice_relevance.features import FeatureConfig, series_features
+from lsdc.preprocess.slice_relevance.features import (
+    FeatureConfig,
+    normalise_volume,
+    series_features,
+)
 from lsdc.preprocess.slice_relevance.models import SeriesTypeModels
 from lsdc.preprocess.slice_relevance.persist import load_models
 from lsdc.preprocess.slice_relevance.tasks import series_slug
@@ -47,11 +52,17 @@ def _run_models(run_dir: str) -> tuple[FeatureConfig, dict[str, SeriesTypeModels
     return cfg.features, models
 
 
-def predict_slices(run_dir: str | Path, study: Any) -> dict[int, dict[str, SlicePrediction]]:
+def predict_slices(
+    run_dir: str | Path,
+    study: Any,
+    normalised: MutableMapping[int, np.ndarray] | None = None,
+) -> dict[int, dict[str, SlicePrediction]]:
     """For every typed series of `study` with a trained model: task -> `SlicePrediction`.
 
     Returns `{series_id: {task: SlicePrediction}}`; series of a type the run has no model for
-    are left out.
+    are left out. `normalised` caches `normalise_volume(series.volume)` by series id: volumes
+    found there are used, the others computed and added, so a caller that crops the same
+    series (multitask preprocessing) normalises each volume once.
     """
     feats_cfg, models = _run_models(str(Path(run_dir).resolve()))
     out: dict[int, dict[str, SlicePrediction]] = {}
@@ -59,7 +70,13 @@ def predict_slices(run_dir: str | Path, study: Any) -> dict[int, dict[str, Slice
         m = models.get(s.series_type)
         if m is None:
             continue
-        f = series_features(s, feats_cfg)
+        norm = None
+        if normalised is not None:
+            sid = int(s.series_id)
+            if sid not in normalised:
+                normalised[sid] = normalise_volume(s.volume)
+            norm = normalised[sid]
+        f = series_features(s, feats_cfg, normalised=norm)
         proba = m.ensemble_proba(f.features)  # one call per series, members of weight 0 skipped
         preds = {}
         for k, task in enumerate(m.tasks, start=1):
