@@ -158,19 +158,6 @@ def _resize(stack: torch.Tensor, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- dataset
 
 
-def read_labels(cache: StudyCache, study_ids: Sequence[int]) -> np.ndarray:
-    """(n, 25) severity codes from the cache, reading only the `labels` array of each file."""
-    from lsdc.fileio import reading
-
-    out = np.full((len(study_ids), len(TARGETS)), -1, np.int64)
-    for i, sid in enumerate(study_ids):
-        path = cache.path(sid)
-        with reading(path, "unreadable; run preprocess again"), np.load(path) as z:
-            if "labels" in z.files:
-                out[i] = z["labels"]
-    return out
-
-
 class MultitaskDataset(Dataset):
     """Studies of a multitask cache (see the module docstring). With `train`, augmentation and
     teacher forcing are drawn from a generator seeded by (seed, epoch, index); call `set_epoch`
@@ -209,7 +196,8 @@ class MultitaskDataset(Dataset):
         return len(self.study_ids)
 
     def labels(self) -> np.ndarray:
-        return read_labels(self.cache, self.study_ids)
+        """(n, 25) int label codes of every study, -1 where unlabelled (labels only)."""
+        return self.cache.labels(self.study_ids)
 
     def _teacher_prob(self) -> float:
         a = self.cfg.augment
