@@ -260,6 +260,16 @@ def synth_cmd(
             "toward patient right) | cols (column direction toward anterior) | both."
         ),
     ] = "none",
+    axial_slices: Annotated[
+        int,
+        typer.Option(
+            help="Every axial series one stack of this many slices (real data: 15-192); "
+            "0 = the drawn protocol."
+        ),
+    ] = 0,
+    axial_series: Annotated[
+        int, typer.Option(help="Axial series per study: 1 or 2; 0 = drawn (2 in ~15%).")
+    ] = 0,
 ) -> None:
     """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers)."""
     from lsdc.synth import generate_dataset
@@ -273,6 +283,8 @@ def synth_cmd(
         workers=workers,
         coords_fraction=coords_fraction,
         axial_flip=axial_flip,
+        axial_slices=axial_slices,
+        axial_series=axial_series,
     )
     typer.echo(f"wrote {train_studies} train + {test_studies} test studies to {out}")
     if preview:
