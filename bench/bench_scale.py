@@ -21,7 +21,7 @@ model: CPU stages scale by the 2-worker parallel efficiency measured here (and b
 one); GPU stages by the counted FLOPs at an ASSUMED GPU throughput (no GPU was measured),
 shown for three values, bounded below by the data loader's CPU time.
 
-    python bench/bench_scale.py                # 6+2 studies at 512 px (~15 min on 2 cores)
+    python bench/bench_scale.py                # 6+2 studies at 512 px (~15 min on 2 free cores)
     python bench/bench_scale.py --quick        # 6+1 studies at 96 px, tiny preset (~2 min)
     python bench/bench_scale.py --train-studies 8 --axial-slices 96 --axial-series 2
 
@@ -76,7 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "instead of a new one; the synth options are then ignored",
     )
     p.add_argument("--preset", default="gpu", help="whose models and input sizes are timed")
-    p.add_argument("--sr-steps", type=int, default=20)
+    p.add_argument("--sr-steps", type=int, default=10)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="STAGE.key=value",
+        help="more lsdc fit overrides, e.g. multitask.engine.batch_size=2 (a batch that does "
+        "not grow with the studies, when comparing memory at two dataset sizes)",
+    )
     p.add_argument("--target-studies", type=int, default=2000)
     p.add_argument("--target-cores", type=int, default=16)
     p.add_argument("--work", type=Path, default=Path("bench/results/scale_work"))
@@ -238,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"relevance.models.{k}"
             for k in ("rf_trees=20", "xgb_trees=20", "svm_components=50", "mlp_max_iter=30")
         ]
+    small += args.set
     plan = make_plan(args.preset, overrides=small)
     runs.mkdir(parents=True)
     (runs / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
