@@ -76,6 +76,20 @@ def test_labels_read_only_the_labels_array(toy_multitask_cache, monkeypatch):
     assert read == ["labels"] * 3
 
 
+def test_an_item_reads_each_array_of_its_study_once(toy_multitask_cache, monkeypatch):
+    ds = MultitaskDataset(toy_multitask_cache(n_studies=1, size=32, hires=48))
+    read = []
+    original = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    ds[0]
+    assert read and len(read) == len(set(read)), sorted(k for k in read if read.count(k) > 1)
+
+
 def test_fine_sources_of_different_sizes_are_padded_with_their_size(toy_multitask_cache):
     small = toy_multitask_cache(n_studies=1, size=32)  # no hires: the crop itself (32)
     big = toy_multitask_cache(n_studies=1, size=32, hires=64)

@@ -206,12 +206,12 @@ class MultitaskDataset(Dataset):
         return a.teacher_start * max(0.0, 1.0 - self.epoch / a.teacher_epochs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        from lsdc.preprocess.multitask import load_multitask_study
+        from lsdc.preprocess.multitask import study_crops
 
         sid = self.study_ids[index]
         try:
-            crops = {c.key: c for c in load_multitask_study(self.cache, sid)}
-            arrays, _ = self.cache.load(sid)
+            arrays, meta = self.cache.load(sid)  # once: crops and labels from the same read
+            crops = {c.key: c for c in study_crops(arrays, meta)}
         except Exception as exc:
             raise RuntimeError(f"{self.cache.path(sid)}: cannot read study {sid}: {exc}") from exc
         gen = None
