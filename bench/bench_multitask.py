@@ -116,10 +116,9 @@ def _normalise(p: np.ndarray) -> np.ndarray:
 
 
 def _labels(cache: Path, ids: list[int]) -> np.ndarray:
-    from lsdc.data.multitask import read_labels
     from lsdc.preprocess.cache import StudyCache
 
-    return read_labels(StudyCache.open(cache), ids)
+    return StudyCache.open(cache).labels(ids)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import run_child  # noqa: E402
+
 RESULTS = HERE / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -111,6 +114,23 @@ def _pipeline(d: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _scale(d: dict) -> list[tuple[str, str]]:
+    size = _get(d, "config.size")
+    rows = [
+        (f"{name} at {size} px (per {r['unit']}, peak RSS)",
+         f"{r['per_unit_s']:.2f} s, {r['peak_rss_mb']:.0f} MB")
+        for name, r in d.get("stages", {}).items()
+    ]  # fmt: skip
+    for name, v in (_get(d, "extrapolation.scenarios") or {}).items():
+        rows.append(
+            (
+                f"extrapolated to 2,000 studies, 16 cores + 1 GPU ({name}; no GPU measured)",
+                f"fit {v['fit_total'] / 3600:.1f} h, predict {v['predict_total'] / 60:.0f} min",
+            )
+        )
+    return rows
+
+
 @dataclass
 class Bench:
     name: str
@@ -142,6 +162,7 @@ BENCHES = [
         _preprocess,
     ),
     Bench("pipeline", [], ["--quick"], _pipeline),
+    Bench("scale", [], ["--quick"], _scale),
 ]
 
 
@@ -150,16 +171,12 @@ def run_one(bench: Bench, quick: bool) -> dict:
     script = HERE / f"bench_{bench.name}.py"
     out = f"bench/results/bench_{bench.name}{'_quick' if quick else ''}.json"  # from the root
     args = [*(bench.quick if quick else bench.full), "--out", out]
-    cmd = [sys.executable, str(script), *args]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=HERE.parent)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    child = run_child([sys.executable, str(script), *args], cwd=HERE.parent)
     return {
         "command": "python " + " ".join([f"bench/{script.name}", *args]),
-        "status": proc.returncode,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "status": child.status,
+        "seconds": round(child.seconds, 1),
+        "peak_rss_mb": child.peak_rss_mb,
         "json": out,
     }
 

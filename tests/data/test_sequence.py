@@ -34,6 +34,28 @@ def test_items_and_collate(toy_sequence_cache):
     np.testing.assert_array_equal(ds.labels(), batch["labels"].numpy())
 
 
+def test_labels_read_no_images(toy_sequence_cache, monkeypatch):
+    # At real scale a cache is tens of GB: the labels of every study must not cost its images.
+    root = toy_sequence_cache(n_studies=3, size=16)
+    ds = SequenceDataset(root)
+    expected = np.stack([ds.cache.load(s)[0]["labels"] for s in ds.study_ids])
+    read = []
+    original = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    np.testing.assert_array_equal(ds.labels(), expected)
+    assert read == ["labels"] * 3
+
+
+def test_labels_of_a_test_cache_are_unlabelled(toy_sequence_cache):
+    ds = SequenceDataset(toy_sequence_cache(n_studies=2, size=16, split="test"))
+    assert (ds.labels() == -1).all() and ds.labels().shape == (2, len(TARGETS))
+
+
 def test_unknown_study_is_named(toy_sequence_cache):
     root = toy_sequence_cache(n_studies=2, size=16)
     with pytest.raises(KeyError, match="not in the cache"):

@@ -188,3 +188,27 @@ def test_rerun_replaces_a_phantom_but_never_other_data(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         generate_dataset(other, train_studies=1, test_studies=0, size=32, seed=1)
     assert (other / "keep.txt").read_text() == "user data"
+
+
+def test_axial_slices_and_series_make_real_size_axial_stacks(tmp_path: Path) -> None:
+    from lsdc.synth.writer import build_study
+
+    out = generate_dataset(
+        tmp_path / "d", train_studies=2, test_studies=0, size=64, seed=108,
+        axial_slices=24, axial_series=2, progress=False,
+    )  # fmt: skip
+    desc = read_series_descriptions(out / "train_series_descriptions.csv")
+    axial = desc[desc["series_description"] == AXIAL_T2]
+    assert axial.groupby("study_id").size().tolist() == [2, 2]
+    for sid, ser in axial[["study_id", "series_id"]].itertuples(index=False):
+        assert len(list((out / "train_images" / str(sid) / str(ser)).glob("*.dcm"))) == 24
+    assert json.loads((out / "truth" / "synth.json").read_text())["axial_slices"] == 24
+    # The options change the axial series only: the sagittal ones are drawn first, unchanged.
+    plain, forced = build_study(108, 0, 64), build_study(108, 0, 64, axial_slices=24)
+    pairs = zip(plain.specs, forced.specs, strict=True)
+    sag = [(a, b) for a, b in pairs if a.series_type != AXIAL_T2]
+    assert sag and all(np.array_equal(a.positions, b.positions) for a, b in sag)
+    np.testing.assert_array_equal(plain.labels, forced.labels)
+    with pytest.raises(ValueError, match="axial_series"):
+        generate_dataset(tmp_path / "e", train_studies=1, test_studies=0, size=64, seed=1,
+                         axial_series=3)  # fmt: skip

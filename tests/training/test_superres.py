@@ -22,6 +22,7 @@ from lsdc.training.superres import (
     _crop_slices,
     degrade,
     fit_sr,
+    reservoir,
     split_studies,
     study_images,
     train_sr,
@@ -136,6 +137,43 @@ def test_degrade_downsamples_and_adds_seeded_noise():
     assert float(lr.min()) >= 0 and float(lr.max()) <= 1
     torch.testing.assert_close(lr, degrade(hr, 4, 0.05, torch.Generator().manual_seed(0)))
     assert not torch.equal(lr, degrade(hr, 4, 0.0))
+
+
+def test_reservoir_keeps_a_seeded_uniform_sample_holding_no_more_than_the_cap():
+    assert reservoir(iter(range(5)), 0, seed=0) == list(range(5))  # 0: everything
+    assert reservoir(iter(range(5)), 9, seed=0) == list(range(5))
+    alive, peak = set(), 0
+
+    class Item:  # counts the items alive at once: those the reservoir still holds
+        def __init__(self, i: int) -> None:
+            self.i = i
+            alive.add(i)
+
+        def __del__(self) -> None:
+            alive.discard(self.i)
+
+    def stream(n: int):
+        nonlocal peak
+        for i in range(n):
+            peak = max(peak, len(alive))
+            yield Item(i)
+
+    kept = reservoir(stream(1000), 10, seed=1)
+    assert peak <= 11 and len(kept) == 10  # the cap, plus the item being considered
+    sample = [item.i for item in kept]
+    assert len(sample) == 10 and sample == sorted(set(sample)) and sample[-1] >= 100
+    assert sample == reservoir(iter(range(1000)), 10, seed=1) != reservoir(range(1000), 10, 2)
+    counts = np.zeros(10)
+    for seed in range(400):  # uniform: each decile kept about equally often
+        counts += np.bincount(np.array(reservoir(range(100), 10, seed)) // 10, minlength=10)
+    assert counts.min() > 0.7 * counts.mean()
+
+
+def test_train_sr_caps_the_slices_it_holds(tmp_path):
+    cache = write_toy_multitask_cache(tmp_path / "cache", n_studies=6)
+    over = [*FAST, "steps=2", "val_fraction=0.34", "max_images=5", "max_val_images=3"]
+    report = train_sr(cache, tmp_path / "run", overrides=over)
+    assert (report.images_train, report.images_val) == (5, 3)
 
 
 def test_training_is_deterministic():

@@ -158,19 +158,6 @@ def _resize(stack: torch.Tensor, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- dataset
 
 
-def read_labels(cache: StudyCache, study_ids: Sequence[int]) -> np.ndarray:
-    """(n, 25) severity codes from the cache, reading only the `labels` array of each file."""
-    from lsdc.fileio import reading
-
-    out = np.full((len(study_ids), len(TARGETS)), -1, np.int64)
-    for i, sid in enumerate(study_ids):
-        path = cache.path(sid)
-        with reading(path, "unreadable; run preprocess again"), np.load(path) as z:
-            if "labels" in z.files:
-                out[i] = z["labels"]
-    return out
-
-
 class MultitaskDataset(Dataset):
     """Studies of a multitask cache (see the module docstring). With `train`, augmentation and
     teacher forcing are drawn from a generator seeded by (seed, epoch, index); call `set_epoch`
@@ -209,7 +196,8 @@ class MultitaskDataset(Dataset):
         return len(self.study_ids)
 
     def labels(self) -> np.ndarray:
-        return read_labels(self.cache, self.study_ids)
+        """(n, 25) int label codes of every study, -1 where unlabelled (labels only)."""
+        return self.cache.labels(self.study_ids)
 
     def _teacher_prob(self) -> float:
         a = self.cfg.augment
@@ -218,12 +206,12 @@ class MultitaskDataset(Dataset):
         return a.teacher_start * max(0.0, 1.0 - self.epoch / a.teacher_epochs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        from lsdc.preprocess.multitask import load_multitask_study
+        from lsdc.preprocess.multitask import study_crops
 
         sid = self.study_ids[index]
         try:
-            crops = {c.key: c for c in load_multitask_study(self.cache, sid)}
-            arrays, _ = self.cache.load(sid)
+            arrays, meta = self.cache.load(sid)  # once: crops and labels from the same read
+            crops = {c.key: c for c in study_crops(arrays, meta)}
         except Exception as exc:
             raise RuntimeError(f"{self.cache.path(sid)}: cannot read study {sid}: {exc}") from exc
         gen = None

@@ -142,13 +142,8 @@ class SequenceDataset(Dataset):
         return len(self.study_ids)
 
     def labels(self) -> np.ndarray:
-        """(n, 25) int label codes of every study, -1 where unlabelled."""
-        out = np.full((len(self), len(TARGETS)), -1, np.int64)
-        for i, sid in enumerate(self.study_ids):
-            arrays, _ = self.cache.load(sid)
-            if "labels" in arrays:
-                out[i] = arrays["labels"]
-        return out
+        """(n, 25) int label codes of every study, -1 where unlabelled (labels only)."""
+        return self.cache.labels(self.study_ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sid = self.study_ids[index]

@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from lsdc.constants import TARGETS
 from lsdc.fileio import (
     atomic_write_json,
     atomic_write_text,
     check_npz,
     ensure_writable,
     load_npz,
+    reading,
     save_npz,
     temporaries,
 )
@@ -148,6 +150,22 @@ class StudyCache:
 
     def load(self, study_id: int) -> StudyArrays:
         return load_npz(self.path(study_id))
+
+    def labels(self, study_ids: Iterable[int]) -> np.ndarray:
+        """(n, 25) int64 severity codes of `study_ids`, -1 where unlabelled (a test cache, or a
+        file without a `labels` array).
+
+        Reads the `labels` member of each file and nothing else: an npz is a zip whose members
+        load one at a time, so this costs a few hundred bytes per study, not its images (at real
+        scale, reading every study's arrays just for the labels would read the whole cache)."""
+        ids = [int(s) for s in study_ids]
+        out = np.full((len(ids), len(TARGETS)), -1, np.int64)
+        for i, sid in enumerate(ids):
+            path = self.path(sid)
+            with reading(path, "unreadable; run preprocess again"), np.load(path) as z:
+                if "labels" in z.files:
+                    out[i] = z["labels"]
+        return out
 
     def run(
         self,

@@ -171,7 +171,12 @@ def load_multitask_study(cache: StudyCache | str | Path, study_id: int) -> list[
     """All crops of one study from a multitask cache, in series-type then task order."""
     if not isinstance(cache, StudyCache):
         cache = StudyCache.open(cache)
-    arrays, meta = cache.load(study_id)
+    return study_crops(*cache.load(study_id))
+
+
+def study_crops(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> list[TaskCrop]:
+    """The crops of one loaded study file (`StudyCache.load`), for readers that also want its
+    other arrays without reading the file twice."""
     out = []
     for m in meta["crops"]:
         k = m["key"]

@@ -76,6 +76,8 @@ def generate_dataset(
     coords_fraction: float = 0.7,
     progress: bool = True,
     axial_flip: str = "none",
+    axial_slices: int = 0,
+    axial_series: int = 0,
 ) -> Path:
     """Write a phantom dataset to `out_dir` (created) and return its path.
 
@@ -85,12 +87,19 @@ def generate_dataset(
     other non-empty folder raises FileExistsError. Raises RuntimeError naming the studies that
     failed (after every other study is written). `axial_flip` ("none", "rows", "cols", "both")
     stores every axial series with its row direction toward patient right and/or its column
-    direction toward anterior: the same phantom, mirrored in its axial images.
+    direction toward anterior: the same phantom, mirrored in its axial images. `axial_slices`
+    (> 0: every axial series one stack of that many slices) and `axial_series` (1 or 2 axial
+    series in every study) make real-size axial stacks for memory and speed tests; 0 keeps the
+    drawn protocol.
     """
     from lsdc.synth.acquire import AXIAL_FLIPS
 
     if axial_flip not in AXIAL_FLIPS:
         raise ValueError(f"axial_flip must be one of {AXIAL_FLIPS}, got {axial_flip!r}")
+    if axial_slices < 0 or axial_slices in (1, 2):
+        raise ValueError(f"axial_slices must be 0 (drawn) or >= 3, got {axial_slices}")
+    if axial_series not in (0, 1, 2):
+        raise ValueError(f"axial_series must be 0 (drawn), 1 or 2, got {axial_series}")
     if train_studies < 0 or test_studies < 0 or train_studies + test_studies == 0:
         raise ValueError("need at least one study (train_studies + test_studies > 0)")
     if size < 32:
@@ -115,6 +124,8 @@ def generate_dataset(
                 int(size),
                 bool(coin < coords_fraction),
                 axial_flip,
+                int(axial_slices),
+                int(axial_series),
             )
         )
     results, failures = [], []
@@ -141,6 +152,8 @@ def generate_dataset(
                 "seed": seed,
                 "coords_fraction": coords_fraction,
                 **({"axial_flip": axial_flip} if axial_flip != "none" else {}),
+                **({"axial_slices": axial_slices} if axial_slices else {}),
+                **({"axial_series": axial_series} if axial_series else {}),
             },
             indent=2,
             sort_keys=True,

@@ -162,6 +162,8 @@ def sample_protocol(
     axial_discs: list[int] | None = None,
     drop: str | None = None,
     axial_flip: str = "none",
+    axial_slices: int = 0,
+    axial_series: int = 0,
 ) -> list[SeriesSpec]:
     """Series of one study: Sagittal T1, Sagittal T2/STIR and one or two Axial T2.
 
@@ -170,9 +172,17 @@ def sample_protocol(
     `axial_flip` stores axial images the other way round, as some scanners do: "rows" makes the
     row direction point to patient right, "cols" the column direction anterior, "both" both;
     the anatomy and the random draws are unchanged (the image is the mirror of the default).
+    `axial_slices` > 0 makes every axial series one contiguous stack of that many slices over
+    its discs (real stacks run to 192; the drawn protocol gives ~45 at 512 px), `axial_series`
+    (1 or 2) fixes how many axial series there are; 0 leaves either to the random protocol. The
+    random draws are the same either way, so the defaults give the same bytes as before.
     """
     if axial_flip not in AXIAL_FLIPS:
         raise ValueError(f"axial_flip must be one of {AXIAL_FLIPS}, got {axial_flip!r}")
+    if axial_slices < 0 or axial_slices in (1, 2):
+        raise ValueError(f"axial_slices must be 0 (drawn) or >= 3, got {axial_slices}")
+    if axial_series not in (0, 1, 2):
+        raise ValueError(f"axial_series must be 0 (drawn), 1 or 2, got {axial_series}")
     p = ph.p
     small = size < 192
     f = float(np.clip(size / 256, 0.65, 1.0))
@@ -223,6 +233,8 @@ def sample_protocol(
     a_size = max(32, int(round(size * 0.75 / 2)) * 2)
 
     def axial(discs: list[int], mode: str) -> SeriesSpec:
+        if axial_slices:
+            mode = "stack"
         fov = rng.uniform(160, 210)
         ps = fov / a_size
         thick = rng.uniform(4.0, 5.0) if small else rng.uniform(3.5, 5.0)
@@ -274,7 +286,7 @@ def sample_protocol(
             cover = float(np.dot(top - bot, n_vec))
             spacing = rng.uniform(3.6, 4.8) if not small else thick
             n_cap = max(15, int(round(192 * size / 512 * len(discs) / 5)))
-            n = int(np.clip(round(cover / spacing) + 1, 3, n_cap))
+            n = axial_slices or int(np.clip(round(cover / spacing) + 1, 3, n_cap))
             spacing = max(spacing, cover / (n - 1))
             for j in range(n):
                 grids.append((a_size, a_size, ps))
@@ -318,7 +330,9 @@ def sample_protocol(
     if drop != AXIAL_T2:
         discs = axial_discs or [LEVEL_DISC[lv] for lv in LEVELS]
         mode = str(rng.choice(["stack", "per_disc", "two"], p=[0.45, 0.4, 0.15]))
-        if mode == "two" and len(discs) >= 3:
+        if axial_series == 1 and mode == "two":
+            mode = "stack"
+        if (axial_series == 2 and len(discs) >= 2) or (mode == "two" and len(discs) >= 3):
             half = len(discs) // 2 + 1
             specs.append(axial(discs[:half], "stack"))
             specs.append(axial(discs[half - 1 :], str(rng.choice(["stack", "per_disc"]))))

@@ -66,11 +66,13 @@ def build_study(
     size: int,
     labels: np.ndarray | None = None,
     axial_flip: str = "none",
+    axial_slices: int = 0,
+    axial_series: int = 0,
 ) -> PhantomStudy:
     """Labels, anatomy and series geometry of study `index` (no rendering, no I/O).
 
     `labels` overrides the sampled labels (tests vary one label and diff the images);
-    `axial_flip` is `acquire.sample_protocol`'s.
+    `axial_flip`, `axial_slices` and `axial_series` are `acquire.sample_protocol`'s.
     """
     if labels is None:
         labels = sample_labels(_rng(seed, index, _LABELS))
@@ -105,6 +107,8 @@ def build_study(
         axial_discs=discs or None,
         drop=dropped,
         axial_flip=axial_flip,
+        axial_slices=axial_slices,
+        axial_series=axial_series,
     )
     return PhantomStudy(labels, narrowing, params, ph, specs, dropped)
 
@@ -159,11 +163,20 @@ class StudyTask:
     size: int
     with_coords: bool
     axial_flip: str = "none"
+    axial_slices: int = 0
+    axial_series: int = 0
 
 
 def make_study(task: StudyTask) -> dict:
     """Render and write one study's DICOM files; return its table rows and truth record."""
-    study = build_study(task.seed, task.index, task.size, axial_flip=task.axial_flip)
+    study = build_study(
+        task.seed,
+        task.index,
+        task.size,
+        axial_flip=task.axial_flip,
+        axial_slices=task.axial_slices,
+        axial_series=task.axial_series,
+    )
     volumes = render_study(study, task.seed, task.index)
     root = Path(task.out_dir) / f"{task.split}_images" / str(task.study_id)
     from lsdc.io.dicomwrite import write_slice

@@ -34,7 +34,6 @@ from lsdc.data.multitask import (
     MultitaskDataConfig,
     MultitaskDataset,
     collate_multitask,
-    read_labels,
 )
 from lsdc.fileio import atomic_write_json
 from lsdc.preprocess.cache import StudyCache
@@ -213,7 +212,7 @@ def multitask_task(
     if not all_ids:
         raise ValueError(f"{cache_dir}: the cache holds no studies")
     MultitaskDataset(cache, all_ids[:1])  # refuses an old cache format before anything runs
-    labels = read_labels(cache, all_ids)
+    labels = cache.labels(all_ids)
     labelled = (labels >= 0).any(axis=1)
     ids = [s for s, ok in zip(all_ids, labelled, strict=True) if ok]
     root = str(Path(cache_dir).resolve())

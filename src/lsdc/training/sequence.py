@@ -80,7 +80,7 @@ def sequence_task(cache_dir: str | Path, cfg: SequenceTrainConfig) -> TrainTask:
     all_ids = cache.study_ids()
     if not all_ids:
         raise ValueError(f"{cache_dir}: the cache holds no studies")
-    labels = SequenceDataset(cache, all_ids).labels()
+    labels = cache.labels(all_ids)
     labelled = (labels >= 0).any(axis=1)
     ids = [s for s, ok in zip(all_ids, labelled, strict=True) if ok]
     model_kwargs = {**config_to_dict(cfg.model), "num_slices": int(cache.config["num_slices"])}
