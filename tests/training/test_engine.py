@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from lsdc.cli import app
 from lsdc.fileio import load_npz
+from lsdc.metrics import score_arrays
 from lsdc.training.engine import load_checkpoint_state, run_cross_validation
 from lsdc.training.sequence import SequenceTrainConfig, sequence_task, train_sequence
 
@@ -69,6 +70,10 @@ def test_one_epoch_two_fold_smoke_run(toy_sequence_cache, tmp_path):
         fold = run / f"fold{k}"
         hist = json.loads((fold / "history.json").read_text())
         assert [h["epoch"] for h in hist] == [0]
+        # One epoch kept as "last": the epoch's validation saw the fold's OOF weights and rows.
+        rows = np.isin(arrays["study_ids"], load_npz(fold / "oof.npz")[0]["study_ids"])
+        fold_score = score_arrays(arrays["labels"][rows], arrays["probs"][rows])["score"]
+        assert hist[0]["val_score"] == pytest.approx(fold_score, abs=1e-4)
         # Lightning checkpoints load without unpickling arbitrary objects
         ckpt = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["epoch"] == 0

@@ -206,8 +206,7 @@ def build_lit_module(
 
         def on_validation_epoch_end(self) -> None:
             # The whole validation set, each study once, whatever the number of processes.
-            batches = gather_rows(self._val)
-            self._val.clear()
+            batches, self._val = gather_rows(self._val), []
             if not batches:
                 return
             rows = merge_rows(batches)
@@ -316,7 +315,7 @@ def gather_rows(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarr
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return batches
+        return list(batches)  # a new list: the caller may clear its own
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, batches)
     return [b for part in parts for b in part]
