@@ -25,6 +25,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def npz_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the .npz members read from now on (every file), in order."""
+    read: list[str] = []
+    original = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    return read
+
+
 def _write_toy_sequence_cache(
     root: Path,
     n_studies: int = 8,

@@ -60,32 +60,20 @@ def test_shapes_masks_and_padding(toy_multitask_cache):
     assert not batch["teacher"].any()  # no teacher forcing outside training
 
 
-def test_labels_read_only_the_labels_array(toy_multitask_cache, monkeypatch):
+def test_labels_read_only_the_labels_array(toy_multitask_cache, npz_reads):
     # Training reads every study's labels up front: that must not read the crops.
     ds = MultitaskDataset(toy_multitask_cache(n_studies=3, size=32, hires=48))
     expected = np.stack([ds[i]["labels"].numpy() for i in range(len(ds))])
-    read = []
-    original = np.lib.npyio.NpzFile.__getitem__
-
-    def spy(self, key):
-        read.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    read = npz_reads
+    read.clear()  # only what follows
     np.testing.assert_array_equal(ds.labels(), expected)
     assert read == ["labels"] * 3
 
 
-def test_an_item_reads_each_array_of_its_study_once(toy_multitask_cache, monkeypatch):
+def test_an_item_reads_each_array_of_its_study_once(toy_multitask_cache, npz_reads):
     ds = MultitaskDataset(toy_multitask_cache(n_studies=1, size=32, hires=48))
-    read = []
-    original = np.lib.npyio.NpzFile.__getitem__
-
-    def spy(self, key):
-        read.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    read = npz_reads
+    read.clear()  # only what follows
     ds[0]
     assert read and len(read) == len(set(read)), sorted(k for k in read if read.count(k) > 1)
 

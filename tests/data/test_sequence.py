@@ -34,19 +34,13 @@ def test_items_and_collate(toy_sequence_cache):
     np.testing.assert_array_equal(ds.labels(), batch["labels"].numpy())
 
 
-def test_labels_read_no_images(toy_sequence_cache, monkeypatch):
+def test_labels_read_no_images(toy_sequence_cache, npz_reads):
     # At real scale a cache is tens of GB: the labels of every study must not cost its images.
     root = toy_sequence_cache(n_studies=3, size=16)
     ds = SequenceDataset(root)
     expected = np.stack([ds.cache.load(s)[0]["labels"] for s in ds.study_ids])
-    read = []
-    original = np.lib.npyio.NpzFile.__getitem__
-
-    def spy(self, key):
-        read.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    read = npz_reads
+    read.clear()  # only what follows
     np.testing.assert_array_equal(ds.labels(), expected)
     assert read == ["labels"] * 3
 
