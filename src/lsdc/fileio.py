@@ -35,7 +35,10 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
+    """Write `path` whole or not at all (a temporary file renamed over it). `durable` also
+    syncs the data to disk before the rename, so a power loss cannot leave a renamed but
+    empty file; a caller that verifies its files before trusting them may skip that cost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # `temporaries` parses this name: keep the two in step.
@@ -46,8 +49,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -90,15 +94,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_npz(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Atomically save arrays plus a JSON-able `meta` dict; loadable without pickle."""
+def save_npz(
+    path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], *, durable: bool = True
+) -> Path:
+    """Atomically save arrays plus a JSON-able `meta` dict; loadable without pickle
+    (`durable`: see `atomic_write_bytes`)."""
     if META_KEY in arrays:
         raise ValueError(f"array name {META_KEY!r} is reserved")
     buf = io.BytesIO()
     payload = dict(arrays)
     payload[META_KEY] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
     np.savez(buf, **payload)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue(), durable=durable)
 
 
 @contextlib.contextmanager

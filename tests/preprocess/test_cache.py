@@ -101,3 +101,18 @@ def test_unwritable_cache_folder_fails_once_before_any_study(tmp_path, monkeypat
     with pytest.raises(PermissionError, match=f"{tmp_path}: cannot write here"):
         cache.run([1, 2], lambda s: built.append(s) or _build(s), progress=False)
     assert built == []
+
+
+def test_study_files_skip_the_fsync_that_other_writes_keep(tmp_path, monkeypatch):
+    # A study file is CRC-checked before a rerun trusts it (test above), so it may skip the
+    # sync; files nothing verifies (manifests, weights, OOF) must keep it.
+    import lsdc.fileio as fileio
+
+    synced = []
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: synced.append(fd))
+    cache = StudyCache(tmp_path, "demo", {"size": 8})
+    synced.clear()
+    cache.save(1, *_build(1))
+    assert synced == [] and cache.load(1)[1]["study_id"] == 1
+    fileio.save_npz(tmp_path / "oof.npz", {"x": np.zeros(2)}, {})
+    assert len(synced) == 1
