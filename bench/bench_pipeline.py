@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.fit += args.fit
+    # A fresh run: the demo resumes finished stages (whose times would then be near zero), and
+    # a folder left by other settings (--quick, say) would be refused.
+    shutil.rmtree(args.work, ignore_errors=True)
     t0 = time.perf_counter()
     report = run_demo(args.work, cfg)
     wall = time.perf_counter() - t0
