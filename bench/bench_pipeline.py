@@ -30,7 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("bench/results/pipeline_work"))
+    p.add_argument(
+        "--work", type=Path, default=Path("bench/results/pipeline_work"), help="emptied first"
+    )
     p.add_argument("--quick", action="store_true", help="tiny phantom and models (minutes)")
     p.add_argument("--train-studies", type=int, default=None)
     p.add_argument("--test-studies", type=int, default=None)
