@@ -76,20 +76,24 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "sr": ["steps=300", "channels=16", "num_blocks=2", "batch_size=16", "patch=32"],
         # 64-px input and bicubic windows: on 40 training studies a fold, the 96-px input with
         # SR windows read nothing beyond the class balance (fold-0 score 0.759, the weighted
-        # prior's) while 64 px, twice the epochs in the same time, reached 0.72-0.73.
+        # prior's) while 64 px, twice the epochs in the same time, reached 0.72-0.73. Stride-4
+        # maps (16 x 16 cells, not 8 x 8) halve the keypoint error (sagittal 10.7 -> 6.3 mm).
         "multitask": [
             "engine.folds=2",
             "engine.epochs=14",
             "model.backbone=resnet10t",
             "data.input.sagittal_size=64",
             "data.input.axial_size=64",
+            "model.fine_stride=4",
             "model.window_px=24",
             "model.upsample=bicubic",
             "engine.progress_bar=false",
         ],
+        # Its validation score is flat from the second epoch on (0.739 at epoch 2, 0.738 at 10)
+        # and its test score the same after 4 epochs as after 10 (0.773 vs 0.770).
         "sequence": [
             "engine.folds=2",
-            "engine.epochs=10",
+            "engine.epochs=4",
             "model.backbone=resnet10t",
             "engine.progress_bar=false",
         ],

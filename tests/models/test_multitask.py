@@ -32,6 +32,7 @@ def batch(toy_multitask_cache):
         {"second_pass": False},
         {"second_backbone": "resnet10t", "upsample": "none", "heads": "side"},
         {"second_backbone": "window", "heads": "condition"},
+        {"fine_stride": 4},
     ],
 )
 def test_outputs_and_masks(batch, kwargs):
@@ -45,6 +46,14 @@ def test_outputs_and_masks(batch, kwargs):
     assert not out["crop_present"][1, absent].any() and out["crop_present"][0].all()
     prior = model.prior_logits.detach()[absent]
     torch.testing.assert_close(out["logits_first"][1, absent], prior)
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+def test_fine_stride_sets_the_heatmap_resolution(batch, stride):
+    model = build_model("multitask", **TINY, fine_stride=stride).eval()
+    out = model(batch)
+    size = batch["sagittal_images"].shape[-1]
+    assert out["heatmaps_sagittal"].shape[-2:] == (size // stride, size // stride)
 
 
 def test_soft_argmax_and_point_sampling_agree_on_a_bright_dot():

@@ -57,18 +57,19 @@ class Backbone(nn.Module):
 
 
 class SpatialBackbone(nn.Module):
-    """A timm model as a feature-map extractor: `forward(x)` returns the stride-8 map and the
-    last (coarsest) map, `(N, fine_channels, H/8, W/8)` and `(N, num_features, H/32, W/32)`
-    for the usual reductions; the model keeps its own parameter names, so the same pretrained
-    files load as into `Backbone`."""
+    """A timm model as a feature-map extractor: `forward(x)` returns the fine map (stride
+    `fine_stride`, 8 by default) and the last (coarsest) map, `(N, fine_channels, H/8, W/8)`
+    and `(N, num_features, H/32, W/32)` for the usual reductions; the model keeps its own
+    parameter names, so the same pretrained files load as into `Backbone`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fine_stride: int = 8) -> None:
         super().__init__()
         self.model = model
         info = list(model.feature_info)
-        # The shallowest stage at stride >= 8: fine enough to place a keypoint, deep enough to
-        # mean something.
-        fine = next((i for i, f in enumerate(info) if f["reduction"] >= 8), len(info) - 1)
+        # The shallowest stage at stride >= fine_stride: 8 is fine enough to place a keypoint
+        # and deep enough to mean something on large inputs; small inputs need 4 (a 64-px crop
+        # gives an 8 x 8 map at stride 8, about one cell per lumbar level).
+        fine = next((i for i, f in enumerate(info) if f["reduction"] >= fine_stride), len(info) - 1)
         self.indices = sorted({fine, len(info) - 1})
         self.fine_channels = int(info[fine]["num_chs"])
         self.num_features = int(info[-1]["num_chs"])
@@ -85,10 +86,12 @@ def create_spatial_backbone(
     pretrained: bool = False,
     pretrained_path: str | Path | None = None,
     drop_path_rate: float = 0.0,
+    fine_stride: int = 8,
 ) -> SpatialBackbone:
     """A timm model returning feature maps (see `SpatialBackbone`); weights as `create_backbone`."""
     return SpatialBackbone(
-        create_backbone(name, in_chans, pretrained, pretrained_path, drop_path_rate).model
+        create_backbone(name, in_chans, pretrained, pretrained_path, drop_path_rate).model,
+        fine_stride,
     )
 
 

@@ -5,12 +5,14 @@ Input: a batch of `lsdc.data.multitask` (two crop groups, sagittal and axial, ea
 `points` when teacher forcing). Every per-keypoint output is in target order (25 = `TARGETS`):
 each target has exactly one keypoint, in one crop.
 
-First pass, per crop: a timm backbone with the 3 slices as channels gives a stride-8 map and a
-coarse map, fused into one map (`fuse`). The keypoint head is a heatmap per keypoint with a
-soft-argmax (`keypoint_head="heatmap"`) or a direct regression from pooled features
-(`"regression"`); both give x/y normalised to the crop ([0, 1] edge to edge) and a visibility
-logit. Severity of a keypoint comes from the fused features sampled at its predicted position
-plus the crop's global features, through one head per condition and level.
+First pass, per crop: a timm backbone with the 3 slices as channels gives a fine map (stride
+`fine_stride`: 8, or 4 for small inputs, where a 64-px sagittal crop at stride 8 is an 8 x 8 grid,
+about one cell per lumbar level) and a coarse map, fused into one map (`fuse`). The keypoint
+head is a heatmap per keypoint with a soft-argmax (`keypoint_head="heatmap"`) or a direct
+regression from pooled features (`"regression"`); both give x/y normalised to the crop ([0, 1]
+edge to edge) and a visibility logit. Severity of a keypoint comes from the fused features
+sampled at its predicted position plus the crop's global features, through one head per
+condition and level.
 
 Second pass, per keypoint: a window centred on the predicted keypoint (on the true one where the
 batch asks for teacher forcing) is sampled from the finest pixels the batch carries, upsampled
@@ -149,6 +151,7 @@ class MultitaskModel(nn.Module):
         sr_kwargs: dict | None = None,
         combine: str = "second",
         heads: str = "condition",
+        fine_stride: int = 8,
     ) -> None:
         super().__init__()
         if keypoint_head not in ("heatmap", "regression"):
@@ -170,7 +173,7 @@ class MultitaskModel(nn.Module):
         self.mirror_right = heads != "target"
 
         self.backbone = create_spatial_backbone(
-            backbone, 3, pretrained, pretrained_path, drop_path_rate
+            backbone, 3, pretrained, pretrained_path, drop_path_rate, fine_stride
         )
         fc, nf, d = self.backbone.fine_channels, self.backbone.num_features, feature_dim
         self.lateral_fine = nn.Conv2d(fc, d, 1)
@@ -236,7 +239,8 @@ class MultitaskModel(nn.Module):
     # ------------------------------------------------------------------ timm-style API
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crops (N, 3, H, W) in [0, 1] -> fused map (N, D, H/8, W/8), global (N, D)."""
+        """Crops (N, 3, H, W) in [0, 1] -> fused map (N, D, H/s, W/s), s = fine_stride, and
+        global features (N, D)."""
         fine, coarse = self.backbone((x - PIXEL_MEAN) / PIXEL_STD)
         top = F.interpolate(self.lateral_coarse(coarse), size=fine.shape[-2:], mode="nearest")
         fmap = self.fuse(self.lateral_fine(fine) + top)

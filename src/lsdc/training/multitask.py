@@ -72,6 +72,8 @@ class MultitaskModelConfig:
     sr_scale: int = 2
     combine: str = "second"  # second | average | learned
     heads: str = "condition"  # condition | side | target: which targets share a classifier
+    # Stride of the map the keypoint heatmaps and first-pass features come from (8 or 4).
+    fine_stride: int = 8
 
 
 @dataclass
