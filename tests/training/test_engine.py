@@ -236,3 +236,20 @@ def test_prior_init_sees_only_the_training_folds_labels(toy_sequence_cache, tmp_
     # without the switch nothing is initialised
     plain = load_config(SequenceTrainConfig, None, [*overrides, "prior_init=false"])
     assert sequence_task(cache, plain).init_model is None
+
+
+def test_channels_last_weights_save_and_load_into_a_plain_model(tmp_path):
+    # Training and inference run NHWC; the saved file must not depend on the layout.
+    from lsdc.models.registry import build_model
+    from lsdc.training.engine import CHANNELS_LAST, load_model_weights, save_model_weights
+
+    torch.manual_seed(0)
+    kwargs = {"backbone": "resnet10t", "d_model": 32, "num_layers": 1, "dim_feedforward": 32}
+    trained = build_model("sequence", **kwargs).to(memory_format=CHANNELS_LAST).eval()
+    convs = [p for p in trained.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=CHANNELS_LAST) for p in convs)
+    save_model_weights(trained, tmp_path / "w.safetensors")
+    plain = load_model_weights(build_model("sequence", **kwargs), tmp_path / "w.safetensors")
+    batch = {"images": torch.rand(2, 3, 10, 32, 32), "series_mask": torch.ones(2, 3, dtype=bool)}
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(batch)["logits"], trained(batch)["logits"])

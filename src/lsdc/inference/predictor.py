@@ -148,7 +148,7 @@ class Predictor:
         calibrate: bool = True,
     ) -> Predictor:
         from lsdc.models.registry import build_model
-        from lsdc.training.engine import RUN_FILE, load_model_weights
+        from lsdc.training.engine import CHANNELS_LAST, RUN_FILE, load_model_weights
 
         run_dir = Path(run_dir)
         info_path = run_dir / RUN_FILE
@@ -167,7 +167,7 @@ class Predictor:
             path = run_dir / f"fold{k}" / info.get("model_file", "model.safetensors")
             if not path.exists():
                 raise FileNotFoundError(f"{path}: fold {k} has no trained weights")
-            model = build_model(info["model_name"], **kwargs)
+            model = build_model(info["model_name"], **kwargs).to(memory_format=CHANNELS_LAST)
             models.append(load_model_weights(model, path).to(dev).eval())
         if not models:
             raise ValueError(f"{run_dir}: no folds to predict with")
