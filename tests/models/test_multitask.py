@@ -170,3 +170,14 @@ def test_group_layout_matches_the_model():
     model = MultitaskModel(**TINY, second_pass=False)
     for g in GROUPS:
         assert getattr(model, f"targets_{g.name}").shape == (len(g.keys), len(g.targets[0]))
+
+
+def test_absent_crops_predict_the_initial_prior(batch):
+    model = build_model("multitask", **TINY).eval()
+    prior = torch.softmax(torch.randn(25, 3), -1)
+    model.init_prior(prior.log())
+    with torch.no_grad():
+        out = model(batch)
+    absent = ~out["crop_present"]
+    assert absent.any()
+    torch.testing.assert_close(out["logits"].softmax(-1)[absent], prior.expand(2, -1, -1)[absent])

@@ -146,3 +146,18 @@ def test_two_fold_run_predicts_with_exact_flip_tta(toy_multitask_cache, tmp_path
 
     png = plot_multitask_study(run, cache, 1000, tmp_path / "mt.png")
     assert png.stat().st_size > 10_000
+
+
+def test_each_fold_starts_at_its_training_studies_weighted_prior(toy_multitask_cache):
+    from lsdc.config import load_config
+    from lsdc.models.registry import build_model
+    from lsdc.training.engine import weighted_class_prior
+    from lsdc.training.multitask import MultitaskTrainConfig, multitask_task
+
+    cfg = load_config(MultitaskTrainConfig, None, TINY)
+    task = multitask_task(toy_multitask_cache(n_studies=4, size=32), cfg)
+    model = build_model("multitask", **task.model_kwargs)
+    train = task.labels[:3]
+    task.init_model(model, train)
+    expected = torch.as_tensor(np.log(weighted_class_prior(train)), dtype=torch.float32)
+    torch.testing.assert_close(model.prior_logits.detach(), expected)

@@ -190,6 +190,8 @@ class MultitaskModel(nn.Module):
         index = _head_index(heads)
         self.first_mlp = nn.Sequential(nn.Linear(2 * d, hidden_dim), nn.GELU(), nn.Dropout(dropout))
         self.first_heads = TargetHeads(hidden_dim, index)
+        # What an absent crop's targets get; few training studies lack a crop, so where it
+        # starts matters (`init_prior`).
         self.prior_logits = nn.Parameter(torch.zeros(N_TARGETS, N_CLASSES))
 
         if second_pass:
@@ -235,6 +237,12 @@ class MultitaskModel(nn.Module):
         self.register_buffer(
             "right_axial", torch.as_tensor(right_axial, dtype=torch.long), persistent=False
         )
+
+    @torch.no_grad()
+    def init_prior(self, log_prior: torch.Tensor) -> None:
+        """Start `prior_logits` (25, 3) at a log prior, e.g. the training studies' metric-
+        weighted class prior."""
+        self.prior_logits.copy_(log_prior.to(self.prior_logits))
 
     # ------------------------------------------------------------------ timm-style API
 

@@ -45,6 +45,7 @@ from lsdc.training.engine import (
     is_global_zero,
     resolve_run_config,
     run_cross_validation,
+    weighted_class_prior,
 )
 from lsdc.training.losses import LossConfig, metric_loss
 
@@ -97,6 +98,11 @@ class MultitaskTrainConfig:
     # (`../sr` from runs/multitask: what `lsdc fit` writes, so a copied runs folder needs no
     # absolute path), then from the working directory.
     sr_run: str | None = None
+    # Start each fold's prior logits (what the targets of an absent crop get) at the metric-
+    # weighted class prior of its training studies: left at zero they stayed near 1/3 each,
+    # since few training studies lack a crop. (Adding them to every target's logits, as the
+    # sequence model's target bias, measured worse on the demo phantom: OOF 0.951 vs 0.850.)
+    prior_init: bool = True
 
 
 # --------------------------------------------------------------------------- loss
@@ -233,7 +239,12 @@ def multitask_task(
             "data_config": config_to_dict(cfg.data),
         },
         oof_outputs=("keypoints", "visibility"),
+        init_model=_init_prior if cfg.prior_init else None,
     )
+
+
+def _init_prior(model: Any, labels: np.ndarray) -> None:
+    model.init_prior(torch.as_tensor(np.log(weighted_class_prior(labels)), dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------- keypoint error
