@@ -228,3 +228,26 @@ def test_predicted_slices_match_the_per_member_reference(run):
             for j, task in enumerate(m.tasks, start=1):
                 assert pred[s.series_id][task].slice_index == int(np.argmax(ref[:, j]))
                 assert pred[s.series_id][task].scores.tobytes() == ref[:, j].tobytes()
+
+
+def test_voting_only_load_skips_weight_0_members_with_the_same_bits(run, tmp_path):
+    """Inference loads only the members that vote (the forest, usually weight 0, is most of a
+    run's load time): a member of weight 0 is not even read, and the ensemble keeps its bits."""
+    import json
+    import shutil
+
+    root, out = run
+    folder = tmp_path / "axial_t2"
+    shutil.copytree(out / "models" / "axial_t2", folder)
+    index = json.loads((folder / "models.json").read_text())
+    index["weights"] = {n: (0.0 if n == "random_forest" else 1.0 + k) for k, n in
+                        enumerate(index["weights"])}  # fmt: skip
+    (folder / "models.json").write_text(json.dumps(index))
+    full = load_models(folder)
+    (folder / index["files"]["random_forest"]).unlink()  # never opened by a voting-only load
+    voting = load_models(folder, voting_only=True)
+    assert "random_forest" not in voting.models and voting.weights == full.weights
+    x = np.random.default_rng(0).normal(size=(7, full.models["mlp"].n_features_in_))
+    ref = full.predict_proba(x)[ENSEMBLE]
+    assert voting.ensemble_proba(x).tobytes() == ref.tobytes()
+    assert voting.ensemble_proba(x).tobytes() == full.ensemble_proba(x).tobytes()

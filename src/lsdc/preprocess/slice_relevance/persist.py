@@ -74,12 +74,18 @@ def load_skops(path: str | Path) -> Any:
     return sio.loads(data, trusted=[t for t in untrusted if t in TRUSTED_SKOPS_TYPES])
 
 
-def load_models(folder: str | Path) -> SeriesTypeModels:
-    """Inverse of `save_models`."""
+def load_models(folder: str | Path, *, voting_only: bool = False) -> SeriesTypeModels:
+    """Inverse of `save_models`. `voting_only` loads only the members whose vote weight is not
+    0: all that `SeriesTypeModels.ensemble_proba` runs, with the same bits (a weight-0 member
+    adds exactly 0.0 to the vote and to its total). Inference wants that: the vote usually
+    gives the RandomForest weight 0, and its file is most of a run's load time."""
     folder = Path(folder)
     index = json.loads((folder / "models.json").read_text())
+    weights = {k: float(v) for k, v in index["weights"].items()}
     models = {}
     for name, file in index["files"].items():
+        if voting_only and weights[name] == 0:
+            continue
         if name == "xgboost":
             from xgboost import XGBClassifier
 
@@ -93,5 +99,5 @@ def load_models(folder: str | Path) -> SeriesTypeModels:
         tasks=tuple(index["tasks"]),
         classes=np.asarray(index["classes"], dtype=np.int64),
         models=models,
-        weights={k: float(v) for k, v in index["weights"].items()},
+        weights=weights,
     )

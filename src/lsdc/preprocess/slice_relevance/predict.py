@@ -48,7 +48,8 @@ def _run_models(run_dir: str) -> tuple[FeatureConfig, dict[str, SeriesTypeModels
     for st in SERIES_TYPES:
         folder = Path(run_dir) / "models" / series_slug(st)
         if (folder / "models.json").exists():
-            models[st] = load_models(folder)
+            # Only the members that vote: inference never runs the others.
+            models[st] = load_models(folder, voting_only=True)
     return cfg.features, models
 
 
