@@ -251,3 +251,45 @@ def test_voting_only_load_skips_weight_0_members_with_the_same_bits(run, tmp_pat
     ref = full.predict_proba(x)[ENSEMBLE]
     assert voting.ensemble_proba(x).tobytes() == ref.tobytes()
     assert voting.ensemble_proba(x).tobytes() == full.ensemble_proba(x).tobytes()
+
+
+_LOAD_IN_FRESH_PROCESS = """
+import importlib.util, json, sys
+from lsdc.preprocess.slice_relevance import load_models
+load_models(sys.argv[1], voting_only=True)
+from skops.io._trusted_types import SKLEARN_ESTIMATOR_TYPE_NAMES
+print(json.dumps({
+    "imported": sorted(m for m in ("torch", "dask") if m in sys.modules),
+    "importable": [importlib.util.find_spec(m) is not None for m in ("torch", "dask")],
+    "trusted": sorted(SKLEARN_ESTIMATOR_TYPE_NAMES),
+}))
+"""
+_PLAIN_SKOPS = """
+import json
+from skops.io._trusted_types import SKLEARN_ESTIMATOR_TYPE_NAMES
+print(json.dumps(sorted(SKLEARN_ESTIMATOR_TYPE_NAMES)))
+"""
+
+
+def test_loading_models_imports_neither_torch_nor_dask(run):
+    """A preprocessing worker that loads a run does not pay for torch and dask (which skops'
+    estimator listing would import), trusts the same scikit-learn types as a plain skops
+    import, and leaves both packages importable afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    _, out = run
+
+    def python(code: str, *args: str) -> object:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    import importlib.util
+
+    got = python(_LOAD_IN_FRESH_PROCESS, str(out / "models" / "axial_t2"))
+    assert got["imported"] == []
+    assert got["importable"] == [importlib.util.find_spec(m) is not None for m in ("torch", "dask")]
+    assert got["trusted"] == python(_PLAIN_SKOPS)
