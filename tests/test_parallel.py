@@ -19,6 +19,52 @@ def test_serial_and_parallel_agree_and_failures_are_isolated():
         assert bad.item == 3 and bad.error == "ValueError: bad item 3"
 
 
+_WARMED: list[str] = []
+
+
+def _warm_up(tag: str) -> None:
+    _WARMED.append(tag)
+
+
+def _fail_warm_up() -> None:
+    raise RuntimeError("warm-up failed")
+
+
+def _warm_state(x: int) -> tuple[int, list[str]]:
+    import os
+
+    return os.getpid(), list(_WARMED)
+
+
+def test_the_initializer_runs_once_in_each_worker_before_its_items():
+    import functools
+    import os
+
+    for workers in (1, 2):
+        _WARMED.clear()
+        init = functools.partial(_warm_up, f"w{workers}")
+        outs = list(
+            parallel_map(_warm_state, range(6), workers=workers, progress=False, initializer=init)
+        )
+        assert all(o.ok for o in outs)
+        # Every item saw its process warmed up exactly once (pool workers start fresh).
+        assert {tuple(o.result[1]) for o in outs} == {(f"w{workers}",)}
+        pids = {o.result[0] for o in outs}
+        assert (pids == {os.getpid()}) == (workers == 1)
+    _WARMED.clear()
+
+
+def test_a_failing_initializer_leaves_the_errors_to_the_items():
+    for workers in (1, 2):
+        outs = list(
+            parallel_map(
+                _square_or_fail, range(5), workers=workers, progress=False,
+                initializer=_fail_warm_up,
+            )
+        )  # fmt: skip
+        assert {o.item: o.result for o in outs if o.ok} == {0: 0, 1: 1, 2: 4, 4: 16}
+
+
 def test_empty_input():
     assert list(parallel_map(_square_or_fail, [], workers=2, progress=False)) == []
 
@@ -130,3 +176,19 @@ def test_dask_on_an_existing_cluster_isolates_failures_and_leaves_no_process():
         if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
     ]
     assert not [c for c in left if "multiprocessing.resource_tracker" not in " ".join(c)], left
+
+
+@pytest.mark.slow
+def test_dask_workers_run_the_initializer_before_their_items():
+    pytest.importorskip("distributed")
+    import functools
+
+    from lsdc.parallel import Executor
+
+    init = functools.partial(_warm_up, "dask")
+    outs = list(
+        parallel_map(_warm_state, range(4), workers=2, executor=Executor("dask"),
+                     progress=False, initializer=init)
+    )  # fmt: skip
+    assert all(o.ok for o in outs)
+    assert {tuple(o.result[1]) for o in outs} == {("dask",)}

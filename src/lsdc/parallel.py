@@ -103,6 +103,15 @@ def _call(fn: Callable[[T], R], item: T) -> Outcome[T, R]:
         return Outcome(item, error=_error_text(exc))
 
 
+def _warm(initializer: Callable[[], object] | None) -> None:
+    """Run a warm-up; its error is left for the items, which meet it and report it one by one
+    (an initializer that raised would break a whole local pool)."""
+    if initializer is None:
+        return
+    with contextlib.suppress(Exception):  # each item meets the same error and reports it
+        initializer()
+
+
 def parallel_map(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -111,6 +120,7 @@ def parallel_map(
     desc: str = "working",
     progress: bool = True,
     executor: Executor = LOCAL,
+    initializer: Callable[[], object] | None = None,
 ) -> Iterator[Outcome[T, R]]:
     """Apply `fn` to every item, yielding an `Outcome` per item as it completes.
 
@@ -120,6 +130,12 @@ def parallel_map(
     memory stays bounded on big datasets. Order of outcomes is completion order. On Dask, an
     item whose worker died more often than the scheduler allows is reported failed
     (`KilledWorker`), like an item that raised.
+
+    `initializer()` (picklable, like `fn`) runs once in each process before it runs items (in
+    this one with a single local worker; on Dask, on the workers the cluster has when the map
+    starts): a warm-up, such as handing every worker models loaded once here, so each does
+    not load its own. Items must not depend on it: a worker without it (one Dask restarted)
+    must still give the same results, only later; its error is ignored, for the items to meet.
     """
     items = list(items)
     workers = max(1, min(int(workers), len(items) or 1, os.cpu_count() or 1))
@@ -128,22 +144,30 @@ def parallel_map(
         if not items:
             return
         if executor.kind == "dask":
-            outcomes = _dask_map(fn, items, workers, executor.scheduler)
+            outcomes = _dask_map(fn, items, workers, executor.scheduler, initializer)
         elif workers == 1:
+            _warm(initializer)
             outcomes = (_call(fn, item) for item in items)
         else:
-            outcomes = _pool_map(fn, items, workers)
+            outcomes = _pool_map(fn, items, workers, initializer)
         for out in outcomes:
             bar.advance(task)
             yield out
 
 
-def _pool_map(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[Outcome[T, R]]:
+def _pool_map(
+    fn: Callable[[T], R],
+    items: list[T],
+    workers: int,
+    initializer: Callable[[], object] | None = None,
+) -> Iterator[Outcome[T, R]]:
     # forkserver, not fork: a child forked from a process whose OpenMP runtime already ran
     # (torch, XGBoost) can hang for ever at its first parallel region. Workers fork from a
-    # clean server process instead; `fn` and items travel by pickle either way.
+    # clean server process instead; `fn`, items and the initializer travel by pickle.
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_warm, initargs=(initializer,)
+    ) as pool:
         pending: set[Future[Outcome[T, R]]] = set()
         queue = iter(items)
         for item in queue:
@@ -160,7 +184,11 @@ def _pool_map(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[Ou
 
 
 def _dask_map(
-    fn: Callable[[T], R], items: list[T], workers: int, scheduler: str | None
+    fn: Callable[[T], R],
+    items: list[T],
+    workers: int,
+    scheduler: str | None,
+    initializer: Callable[[], object] | None = None,
 ) -> Iterator[Outcome[T, R]]:
     try:
         import dask
@@ -190,6 +218,9 @@ def _dask_map(
         else:
             target = scheduler
         client = stack.enter_context(distributed.Client(target))
+        if initializer is not None:
+            # The workers there now; one that joins or restarts later does without it.
+            client.run(_warm, initializer)
         yield from _dask_window(client, fn, items, distributed)
 
 

@@ -161,3 +161,27 @@ def test_a_coordinate_on_a_missing_instance_drops_only_that_label(tiny_dataset, 
     axial_crop = next(c for c in load_multitask_study(cache, 1000) if c.key == "axial_t2__l1_l2")
     assert axial_crop.present and axial_crop.source == "middle"
     assert "coordinate dropped" in capsys.readouterr().err
+
+
+def test_pool_workers_given_the_relevance_models_write_the_same_files(tiny_dataset, tmp_path):
+    """With a relevance run and a pool, the models loaded once in this process are handed to
+    the workers (`run_models_initializer`); the files are those of one in-process worker."""
+    import warnings
+
+    from lsdc.preprocess.slice_relevance import train_slice_relevance
+
+    root, _ = tiny_dataset
+    run = tmp_path / "run"
+    fast = ["folds=2", "models.rf_trees=20", "models.xgb_trees=20", "models.mlp_max_iter=100"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train_slice_relevance(root, run, overrides=fast, progress=False)
+    caches = {}
+    for workers in (1, 2):
+        caches[workers] = tmp_path / f"w{workers}"
+        report = preprocess_dataset(
+            root, caches[workers], overrides=["crop_size=48"], relevance_run=run,
+            workers=workers, progress=False,
+        )  # fmt: skip
+        assert report.failed == {} and len(report.written) == 6
+    assert _files(caches[1]) == _files(caches[2])

@@ -228,3 +228,68 @@ def test_predicted_slices_match_the_per_member_reference(run):
             for j, task in enumerate(m.tasks, start=1):
                 assert pred[s.series_id][task].slice_index == int(np.argmax(ref[:, j]))
                 assert pred[s.series_id][task].scores.tobytes() == ref[:, j].tobytes()
+
+
+def test_voting_only_load_skips_weight_0_members_with_the_same_bits(run, tmp_path):
+    """Inference loads only the members that vote (the forest, usually weight 0, is most of a
+    run's load time): a member of weight 0 is not even read, and the ensemble keeps its bits."""
+    import json
+    import shutil
+
+    root, out = run
+    folder = tmp_path / "axial_t2"
+    shutil.copytree(out / "models" / "axial_t2", folder)
+    index = json.loads((folder / "models.json").read_text())
+    index["weights"] = {n: (0.0 if n == "random_forest" else 1.0 + k) for k, n in
+                        enumerate(index["weights"])}  # fmt: skip
+    (folder / "models.json").write_text(json.dumps(index))
+    full = load_models(folder)
+    (folder / index["files"]["random_forest"]).unlink()  # never opened by a voting-only load
+    voting = load_models(folder, voting_only=True)
+    assert "random_forest" not in voting.models and voting.weights == full.weights
+    x = np.random.default_rng(0).normal(size=(7, full.models["mlp"].n_features_in_))
+    ref = full.predict_proba(x)[ENSEMBLE]
+    assert voting.ensemble_proba(x).tobytes() == ref.tobytes()
+    assert voting.ensemble_proba(x).tobytes() == full.ensemble_proba(x).tobytes()
+
+
+_LOAD_IN_FRESH_PROCESS = """
+import importlib.util, json, sys
+from lsdc.preprocess.slice_relevance import load_models
+load_models(sys.argv[1], voting_only=True)
+from skops.io._trusted_types import SKLEARN_ESTIMATOR_TYPE_NAMES
+print(json.dumps({
+    "imported": sorted(m for m in ("torch", "dask") if m in sys.modules),
+    "importable": [importlib.util.find_spec(m) is not None for m in ("torch", "dask")],
+    "trusted": sorted(SKLEARN_ESTIMATOR_TYPE_NAMES),
+}))
+"""
+_PLAIN_SKOPS = """
+import json
+from skops.io._trusted_types import SKLEARN_ESTIMATOR_TYPE_NAMES
+print(json.dumps(sorted(SKLEARN_ESTIMATOR_TYPE_NAMES)))
+"""
+
+
+def test_loading_models_imports_neither_torch_nor_dask(run):
+    """A preprocessing worker that loads a run does not pay for torch and dask (which skops'
+    estimator listing would import), trusts the same scikit-learn types as a plain skops
+    import, and leaves both packages importable afterwards."""
+    import json
+    import subprocess
+    import sys
+
+    _, out = run
+
+    def python(code: str, *args: str) -> object:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    import importlib.util
+
+    got = python(_LOAD_IN_FRESH_PROCESS, str(out / "models" / "axial_t2"))
+    assert got["imported"] == []
+    assert got["importable"] == [importlib.util.find_spec(m) is not None for m in ("torch", "dask")]
+    assert got["trusted"] == python(_PLAIN_SKOPS)

@@ -179,12 +179,14 @@ class StudyCache:
         desc: str = "preprocess",
         progress: bool = True,
         executor: Executor = LOCAL,
+        initializer: Callable[[], object] | None = None,
     ) -> CacheRunReport:
         """Build and save every study not yet cached; failures are recorded and skipped.
 
         `build(study_id)` must be picklable when `workers` > 1 or on Dask (a module-level
         function or a `functools.partial` of one). Each study is written by the process that
         built it, so on a cluster every worker must see this folder at the same path.
+        `initializer`: a warm-up run once per worker process (see `parallel_map`).
         """
         ensure_writable(self.root)  # else every study would fail, one by one, at its save
         report = CacheRunReport()
@@ -208,8 +210,9 @@ class StudyCache:
         # Absolute: a Dask worker may run elsewhere, in another working directory.
         task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build)
         outcomes = parallel_map(
-            task, todo, workers=workers, desc=desc, progress=progress, executor=executor
-        )
+            task, todo, workers=workers, desc=desc, progress=progress, executor=executor,
+            initializer=initializer,
+        )  # fmt: skip
         for out in outcomes:
             if out.ok:
                 report.written.append(out.item)

@@ -673,6 +673,13 @@ def preprocess_dataset(
         relevance_run=run,
         cfg=cfg,
     )
+    initializer = None
+    if run is not None and (workers > 1 or executor.kind == "dask"):
+        from lsdc.preprocess.slice_relevance import run_models_initializer
+
+        # The relevance models, loaded once here and handed to every worker as it starts,
+        # instead of each worker loading them from the run's files before its first study.
+        initializer = run_models_initializer(run)
     report = cache.run(
         ids,
         build,
@@ -680,6 +687,7 @@ def preprocess_dataset(
         desc=f"multitask {split}",
         progress=progress,
         executor=executor,
+        initializer=initializer,
     )
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.

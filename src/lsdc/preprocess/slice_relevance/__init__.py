@@ -76,6 +76,8 @@ from lsdc.preprocess.slice_relevance.predict import (
     load_axial_roi,
     load_oof_slices,
     predict_slices,
+    run_models,
+    run_models_initializer,
 )
 from lsdc.preprocess.slice_relevance.tasks import (
     BASELINE,
@@ -136,6 +138,8 @@ __all__ = [
     "middle_slice",
     "normalise_volume",
     "predict_slices",
+    "run_models",
+    "run_models_initializer",
     "save_models",
     "series_features",
     "series_slug",

@@ -185,7 +185,8 @@ def _proba(model: Any, x: np.ndarray, classes: np.ndarray, num_classes: int) -> 
 @dataclass
 class SeriesTypeModels:
     """The fitted models of one series type: `classes` are the task codes seen in training
-    (0 = background, k = tasks[k - 1])."""
+    (0 = background, k = tasks[k - 1]). `weights` names every member; `models` may hold only
+    those of non-zero weight (`load_models(voting_only=True)`), enough for `ensemble_proba`."""
 
     series_type: str
     tasks: tuple[str, ...]
@@ -208,7 +209,7 @@ class SeriesTypeModels:
         return self._vote({n: _proba(self.models[n], x, self.classes, k) for n in voting})
 
     def _vote(self, proba: Mapping[str, np.ndarray]) -> np.ndarray:
-        return soft_vote(proba, {n: self.weights[n] for n in self.models})
+        return soft_vote(proba, self.weights)
 
 
 def soft_vote(proba: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +41,47 @@ class SlicePrediction:
     scores: np.ndarray  # (S,) ensemble probability of every slice for the task
 
 
-@functools.lru_cache(maxsize=4)
-def _run_models(run_dir: str) -> tuple[FeatureConfig, dict[str, SeriesTypeModels]]:
+RunModels = tuple[FeatureConfig, dict[str, SeriesTypeModels]]
+# The runs this process has loaded, by resolved folder (at most `_MAX_RUNS`, oldest dropped):
+# loaded at a worker's first study, or handed over by the process that started the worker
+# (`run_models_initializer`).
+_LOADED: dict[str, RunModels] = {}
+_MAX_RUNS = 4
+
+
+def _load_run(run_dir: str) -> RunModels:
     cfg = load_config(SliceRelevanceConfig, Path(run_dir) / "config.yaml")
     models = {}
     for st in SERIES_TYPES:
         folder = Path(run_dir) / "models" / series_slug(st)
         if (folder / "models.json").exists():
-            models[st] = load_models(folder)
+            # Only the members that vote: inference never runs the others.
+            models[st] = load_models(folder, voting_only=True)
     return cfg.features, models
+
+
+def run_models(run_dir: str | Path) -> RunModels:
+    """The feature configuration and the (voting) models of a run, loaded once per process."""
+    key = str(Path(run_dir).resolve())
+    if key not in _LOADED:
+        _use_run(key, _load_run(key))
+    return _LOADED[key]
+
+
+def _use_run(key: str, loaded: RunModels) -> None:
+    _LOADED[key] = loaded
+    while len(_LOADED) > _MAX_RUNS:
+        del _LOADED[next(iter(_LOADED))]
+
+
+def run_models_initializer(run_dir: str | Path) -> Callable[[], None]:
+    """A worker initializer (`parallel_map(initializer=...)`) that hands the run's models,
+    loaded once here, to every worker process: unpickled there, they are the same objects,
+    so each worker skips loading them from the run's files (skops, its import and its checks:
+    about a second of each worker's start). Models travel between this package's own
+    processes only; nothing from the run folder is unpickled."""
+    key = str(Path(run_dir).resolve())
+    return functools.partial(_use_run, key, run_models(key))
 
 
 def predict_slices(
@@ -64,7 +96,7 @@ def predict_slices(
     found there are used, the others computed and added, so a caller that crops the same
     series (multitask preprocessing) normalises each volume once.
     """
-    feats_cfg, models = _run_models(str(Path(run_dir).resolve()))
+    feats_cfg, models = run_models(run_dir)
     out: dict[int, dict[str, SlicePrediction]] = {}
     for s in study.series:
         m = models.get(s.series_type)
