@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from lsdc.parallel import parallel_map
@@ -192,3 +194,20 @@ def test_dask_workers_run_the_initializer_before_their_items():
     )  # fmt: skip
     assert all(o.ok for o in outs)
     assert {tuple(o.result[1]) for o in outs} == {("dask",)}
+
+
+def _native_threads(_: int) -> tuple[str, int]:
+    import numpy as np  # noqa: F401 - its BLAS is one of the pools counted
+    from threadpoolctl import threadpool_info
+
+    return os.environ.get("OMP_NUM_THREADS", ""), max(p["num_threads"] for p in threadpool_info())
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool needs 2 cores here")
+def test_pool_workers_share_the_cores_instead_of_each_taking_all(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    share = (os.cpu_count() or 1) // 2
+    outs = list(parallel_map(_native_threads, [0, 1, 2, 3], workers=2, progress=False))
+    assert all(o.ok for o in outs)
+    assert {o.result for o in outs} == {(str(share), share)}

@@ -112,6 +112,26 @@ def _warm(initializer: Callable[[], object] | None) -> None:
         initializer()
 
 
+# The native thread pools of a pool worker (OpenMP: XGBoost, scikit-learn, torch; BLAS).
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _pool_worker_start(threads: int, initializer: Callable[[], object] | None) -> None:
+    """Each pool worker's start: its native thread pools sized to its share of the cores, then
+    the warm-up. Left at their default, N workers each ran one thread per core: 2 workers on 2
+    cores preprocessed 120 studies in 26.0 s, against 12.2 s with one thread each. An explicit
+    setting of the user's (OMP_NUM_THREADS in the environment) is kept."""
+    for var in _THREAD_VARS:
+        os.environ.setdefault(var, str(threads))
+    _warm(initializer)
+    from threadpoolctl import threadpool_limits
+
+    # For the libraries already loaded (the forkserver's imports), which read the variables
+    # only when they load; those loaded later read them.
+    own = os.environ["OMP_NUM_THREADS"]
+    threadpool_limits(int(own) if own.isdigit() else threads)
+
+
 def parallel_map(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -165,8 +185,12 @@ def _pool_map(
     # (torch, XGBoost) can hang for ever at its first parallel region. Workers fork from a
     # clean server process instead; `fn`, items and the initializer travel by pickle.
     context = multiprocessing.get_context("forkserver")
+    threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_warm, initargs=(initializer,)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_pool_worker_start,
+        initargs=(threads, initializer),
     ) as pool:
         pending: set[Future[Outcome[T, R]]] = set()
         queue = iter(items)
