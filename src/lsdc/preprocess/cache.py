@@ -266,6 +266,14 @@ class _BuildAndSave:
     build: Callable[[int], StudyArrays]
 
     def __call__(self, study_id: int) -> list[str]:
-        arrays, meta = self.build(study_id)
+        from threadpoolctl import threadpool_limits
+
+        # One native thread (BLAS, OpenMP) per study, whatever the process: the relevance
+        # members' products round differently with another thread count (stored probabilities
+        # 1e-6 apart), and a cache must not depend on --workers. Studies are the unit of
+        # parallelism. Entered per study (about 5 ms), since it limits only the libraries
+        # loaded by then and the first study loads XGBoost's.
+        with threadpool_limits(limits=1):
+            arrays, meta = self.build(study_id)
         StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)
         return [str(w) for w in meta.get("warnings", [])]
