@@ -62,7 +62,7 @@ def _phantom_matches(data: Path, cfg: DemoConfig) -> bool:
     return all(args.get(k) == v for k, v in wanted.items())
 
 
-def _own_predictions(runs: Path, sub: Any) -> dict[str, tuple]:
+def model_predictions(runs: Path, sub: Any) -> dict[str, tuple]:
     """Each model alone on the test studies it saw, with its run's own calibration (as
     `lsdc predict RUN CACHE` would give it), from the probabilities `predict` already made."""
     from lsdc.inference.calibration import CALIBRATION_FILE, Calibration, apply_calibration
@@ -140,7 +140,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
     )
 
     predictions = {"ensemble": (sub.study_ids, sub.probs)}
-    predictions.update(_own_predictions(runs, sub))
+    predictions.update(model_predictions(runs, sub))
     table = score_table(data, predictions)
     report.figures.update(
         test=table,
@@ -160,10 +160,12 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -
         {"config": asdict(cfg), "figures": report.figures, "seconds": report.seconds},
     )
     prior = table["rows"]["class prior"]["score"]
+    weighted = table["rows"]["weighted prior"]["score"]
     for name in ("ensemble", *cfg.models):
         row = table["rows"][name]
         log(
             f"[lsdc demo] {name:9s} test score {row['score']:.4f} = "
+            f"{row['score'] / weighted:.2f}x the weighted prior ({weighted:.4f}), "
             f"{row['score'] / prior:.2f}x the class prior ({prior:.4f})"
         )
     log(f"[lsdc demo] submission {sub.path}; report {html}; figures {out / 'demo.json'}")

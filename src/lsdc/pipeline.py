@@ -498,7 +498,8 @@ def fit(
             )
         report.oof[stage] = result.score
         log(
-            f"  {stage} OOF {result.score['score']:.4f} (class prior "
+            f"  {stage} OOF {result.score['score']:.4f} (weighted prior "
+            f"{result.weighted_prior_score['score']:.4f}, class prior "
             f"{result.prior_score['score']:.4f})"
         )
 

@@ -158,7 +158,10 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
         which = f"{n} held-out test studies" + (", all those in the truth" if total else "")
     intro = (
         f"Official metric on {which}; every row is scored on the same studies. Lower is "
-        "better. <em>× prior</em>: score divided by the class prior's on the same rows. "
+        "better. <em>× weighted prior</em>: score divided by the weighted prior's (the class "
+        "prior times the metric's 1/2/4 severity weights, renormalised: the best constant "
+        "prediction, so the bar a model must clear to be reading its images) on the same rows; "
+        "<em>× prior</em>: the same for the plain class prior. "
         "<em>gap closed</em>: (prior − model) / (prior − oracle), the share of the way "
         "from the class prior to the oracle (a classifier given the phantom's true narrowing, "
         "the floor the labels' noise allows) that a model covers."
@@ -174,14 +177,20 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
         text = ", ".join(f"{name} predicted {k}" for name, k in missing.items())
         lines.append(f'<p class="note">Not every model predicted every study: {_esc(text)}.</p>')
     head = "".join(f"<th>{_esc(_TERM_TITLES[k])}</th>" for k in SCORE_KEYS)
-    lines.append(f"<table>\n<tr><th>model</th>{head}<th>× prior</th><th>gap closed</th></tr>")
+    lines.append(
+        f"<table>\n<tr><th>model</th>{head}<th>× weighted prior</th><th>× prior</th>"
+        "<th>gap closed</th></tr>"
+    )
+    weighted = (rows.get("weighted prior") or {}).get("score")
     for name, row in rows.items():
         cls = "baseline" if row.get("kind") == "baseline" else ("best" if name == best else "")
         cells = "".join(f'<td class="num">{_num(row.get(k))}</td>' for k in SCORE_KEYS)
         times = (row.get("ratio_to_prior") or {}).get("score")
         gap = row.get("gap_closed")
+        by_weighted = row["score"] / weighted if weighted else None
         lines.append(
             f'<tr class="{cls}"><td>{_esc(name)}</td>{cells}'
+            f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
             f'<td class="num">{_num(times, ".2f", "×")}</td>'
             f'<td class="num">{_percent(gap)}</td></tr>'
         )
@@ -204,30 +213,40 @@ def _oof_section(run_dirs: Mapping[str, str | Path]) -> str:
     lines = [
         "<h2>Cross-validation (out-of-fold, training studies)</h2>",
         '<p class="note">Each training study scored by the fold that did not train on it; the '
-        "class prior of each fold's training studies on the same rows. <em>calibrated</em>: "
+        "class prior and weighted prior of each fold's training studies on the same rows. "
+        "<em>calibrated</em>: "
         "with the temperature fitted on the other folds (cross-fitted), as predictions on new "
         "studies are.</p>",
-        f"<table>\n<tr><th>run</th><th>studies</th>{head}<th>× prior</th></tr>",
+        f"<table>\n<tr><th>run</th><th>studies</th>{head}<th>× weighted prior</th>"
+        "<th>× prior</th></tr>",
     ]
     for name, s in found:
         prior = s.get("prior_score") or {}
+        weighted = s.get("weighted_prior_score") or {}
         variants = [("", s["oof_score"]), (" calibrated", s.get("oof_score_calibrated"))]
         for suffix, terms in variants:
             if not terms:
                 continue
             cells = "".join(f'<td class="num">{_num(terms.get(k))}</td>' for k in SCORE_KEYS)
             ratio = terms["score"] / prior["score"] if prior.get("score") else None
+            by_weighted = terms["score"] / weighted["score"] if weighted.get("score") else None
             lines.append(
                 f"<tr><td>{_esc(name + suffix)}</td>"
                 f'<td class="num">{_esc(str(s.get("studies", "")))}</td>{cells}'
+                f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
                 f'<td class="num">{_num(ratio, ".2f", "×")}</td></tr>'
             )
-        if prior:
-            cells = "".join(f'<td class="num">{_num(prior.get(k))}</td>' for k in SCORE_KEYS)
+        for label, base in (("weighted prior", weighted), ("class prior", prior)):
+            if not base:
+                continue
+            cells = "".join(f'<td class="num">{_num(base.get(k))}</td>' for k in SCORE_KEYS)
+            by_weighted = base["score"] / weighted["score"] if weighted.get("score") else None
+            by_prior = base["score"] / prior["score"] if prior.get("score") else None
             lines.append(
-                f'<tr class="baseline"><td>{_esc(name)}: class prior</td>'
+                f'<tr class="baseline"><td>{_esc(name)}: {label}</td>'
                 f'<td class="num">{_esc(str(s.get("studies", "")))}</td>{cells}'
-                '<td class="num">1.00×</td></tr>'
+                f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
+                f'<td class="num">{_num(by_prior, ".2f", "×")}</td></tr>'
             )
     lines.append("</table>")
     return "\n".join(lines)

@@ -160,12 +160,26 @@ def _load_pretrained_into(
 class WindowEncoder(nn.Module):
     """A compact CNN for the small second-pass windows (24-64 px): three stages of two 3x3
     convolutions, each halving the resolution only after it has looked at full detail, then
-    global average pooling. ImageNet backbones reduce a 48-px window to 2x2 cells within their
-    stem; millimetre-scale narrowing needs the early, full-resolution layers that this keeps.
-    (N, in_chans, P, P) -> (N, num_features)."""
+    pooling. ImageNet backbones reduce a 48-px window to 2x2 cells within their stem;
+    millimetre-scale narrowing needs the early, full-resolution layers that this keeps.
 
-    def __init__(self, in_chans: int = 3, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+    `pool="mean"`: global average pooling alone. `pool="grid"`: the average pool plus a coarse
+    `grid` x `grid` map of `grid_channels` reduced channels, flattened, so the head knows *where*
+    in the window a feature lies: the window is centred on one level's structure, but a global
+    average also pools the neighbouring levels' canal or foramina at its edges, which a linear
+    reader of the raw pixels tells apart. (N, in_chans, P, P) -> (N, num_features)."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        widths: tuple[int, ...] = (32, 64, 128),
+        pool: str = "mean",
+        grid: int = 4,
+        grid_channels: int = 32,
+    ) -> None:
         super().__init__()
+        if pool not in ("mean", "grid"):
+            raise ValueError(f"pool must be 'mean' or 'grid', not {pool!r}")
         layers: list[nn.Module] = []
         c = in_chans
         for w in widths:
@@ -176,6 +190,20 @@ class WindowEncoder(nn.Module):
             c = w
         self.features = nn.Sequential(*layers)
         self.num_features = c
+        self.grid: nn.Module | None = None
+        if pool == "grid":
+            self.grid = nn.Sequential(
+                nn.Conv2d(c, grid_channels, 1, bias=False),
+                nn.BatchNorm2d(grid_channels),
+                nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(grid),
+                nn.Flatten(),
+            )
+            self.num_features = c + grid_channels * grid * grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        f = self.features(x)  # (N, C, P/8, P/8)
+        pooled = f.mean(dim=(2, 3))
+        if self.grid is None:
+            return pooled
+        return torch.cat([pooled, self.grid(f)], dim=1)

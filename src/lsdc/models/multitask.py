@@ -152,6 +152,7 @@ class MultitaskModel(nn.Module):
         combine: str = "second",
         heads: str = "condition",
         fine_stride: int = 8,
+        window_pool: str = "mean",
     ) -> None:
         super().__init__()
         if keypoint_head not in ("heatmap", "regression"):
@@ -199,7 +200,7 @@ class MultitaskModel(nn.Module):
                 self.second = None
                 n2 = nf
             elif second_backbone == "window":
-                self.second = WindowEncoder(3)
+                self.second = WindowEncoder(3, pool=window_pool)
                 n2 = self.second.num_features
             else:
                 self.second = create_backbone(second_backbone, 3, pretrained=False)

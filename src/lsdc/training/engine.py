@@ -128,6 +128,8 @@ class CVResult:
     fold_seconds: dict[int, float]
     epoch_seconds: float  # mean wall time of one training epoch (train + validation)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # TrainTask.oof_outputs
+    # The metric-optimal constant of each fold's training rows on the same rows: the bar.
+    weighted_prior_score: dict[str, float] = field(default_factory=dict)
     # OOF score after calibration fitted on the other folds (None: not calibrated)
     calibrated_score: dict[str, float] | None = None
 
@@ -717,16 +719,20 @@ def run_cross_validation(
     probs = np.concatenate(oof_probs)
     pos = {int(s): i for i, s in enumerate(ids)}
     oof_labels = labels[[pos[int(s)] for s in all_ids]]
+
     # Class prior of each fold's training rows, applied to its validation rows: the baseline
     # that the model must beat on exactly the same rows.
-    prior = np.concatenate(
-        [
-            np.broadcast_to(class_prior(labels[folds != k]), (int((folds == k).sum()), 25, 3))
-            for k in selected
-        ]
-    )
+    def fold_constant(fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return np.concatenate(
+            [
+                np.broadcast_to(fn(labels[folds != k]), (int((folds == k).sum()), 25, 3))
+                for k in selected
+            ]
+        )
+
     score = _safe_score(oof_labels, probs)
-    prior_score = _safe_score(oof_labels, prior)
+    prior_score = _safe_score(oof_labels, fold_constant(class_prior))
+    weighted_prior_score = _safe_score(oof_labels, fold_constant(weighted_class_prior))
     calibrated = None
     from lsdc.inference.calibration import CALIBRATION_FILE, cross_fitted, fit_calibration
 
@@ -748,6 +754,7 @@ def run_cross_validation(
         labels=oof_labels,
         score=score,
         prior_score=prior_score,
+        weighted_prior_score=weighted_prior_score,
         fold_seconds=fold_seconds,
         epoch_seconds=float(np.nanmean(epoch_seconds)) if epoch_seconds else float("nan"),
         outputs=outputs,
@@ -781,6 +788,7 @@ def _write_oof(result: CVResult, folds: Sequence[int]) -> None:
             "oof_score": result.score,
             **({"oof_score_calibrated": calibrated} if calibrated is not None else {}),
             "prior_score": result.prior_score,
+            "weighted_prior_score": result.weighted_prior_score,
             "studies": len(result.study_ids),
             "folds": list(folds),
             "fold_seconds": {str(k): v for k, v in result.fold_seconds.items()},

@@ -75,6 +75,8 @@ class MultitaskModelConfig:
     heads: str = "condition"  # condition | side | target: which targets share a classifier
     # Stride of the map the keypoint heatmaps and first-pass features come from (8 or 4).
     fine_stride: int = 8
+    # How the window encoder pools ("mean" | "grid": also a coarse map, so it knows where).
+    window_pool: str = "mean"
 
 
 @dataclass
