@@ -33,6 +33,7 @@ def batch(toy_multitask_cache):
         {"second_backbone": "resnet10t", "upsample": "none", "heads": "side"},
         {"second_backbone": "window", "heads": "condition"},
         {"fine_stride": 4},
+        {"window_pool": "grid"},
     ],
 )
 def test_outputs_and_masks(batch, kwargs):
@@ -181,3 +182,19 @@ def test_absent_crops_predict_the_initial_prior(batch):
     absent = ~out["crop_present"]
     assert absent.any()
     torch.testing.assert_close(out["logits"].softmax(-1)[absent], prior.expand(2, -1, -1)[absent])
+
+
+def test_grid_pooled_window_encoder_tells_where_a_feature_lies():
+    from lsdc.models.backbones import WindowEncoder
+
+    torch.manual_seed(0)
+    enc = WindowEncoder(3, pool="grid", grid=4, grid_channels=8).eval()
+    assert enc.num_features == 128 + 8 * 16
+    top, bottom = torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    top[..., 2:8, 12:20], bottom[..., 24:30, 12:20] = 1, 1
+    with torch.no_grad():
+        a, b = enc(top), enc(bottom)
+    assert a.shape == (1, enc.num_features)
+    # The grid part tells the top of the window from the bottom, cell by cell.
+    ga, gb = a[0, 128:].reshape(8, 4, 4), b[0, 128:].reshape(8, 4, 4)
+    assert not torch.allclose(ga, gb)

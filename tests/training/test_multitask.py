@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from lsdc.constants import TARGETS
+from lsdc.fileio import load_npz
 from lsdc.training.losses import LossConfig
 from lsdc.training.multitask import (
     MultitaskLossConfig,
+    bilinear_cell_weights,
     keypoint_errors_mm,
     keypoint_losses,
     multitask_loss,
@@ -127,6 +129,15 @@ def test_two_fold_run_predicts_with_exact_flip_tta(toy_multitask_cache, tmp_path
     # Averaging a study with its mirror makes the prediction exactly left/right equivariant.
     torch.testing.assert_close(mirrored, probs[:, list(MIRROR_INDEX)], atol=1e-5, rtol=1e-4)
 
+    # The OOF is predicted as `predict` predicts (with the mirror), so the calibration and the
+    # ensemble fitted on it see what they are applied to.
+    for k in (0, 1):
+        fold = Predictor.from_run(run, folds=[k], device="cpu", tta_flip=True, calibrate=False)
+        val = sorted(int(s) for s in load_npz(run / f"fold{k}" / "oof.npz")[0]["study_ids"])
+        got = fold.predict_cache(cache, val)
+        rows = [result.study_ids.tolist().index(s) for s in got.study_ids]
+        np.testing.assert_allclose(got.probs, result.probs[rows], atol=1e-5)
+
     report = predict_submission(run, cache, tmp_path / "sub.csv", tta_flip=True, device="cpu")
     assert report.predicted == 6 and report.coordinates is not None
     coords = pd.read_csv(report.coordinates)
@@ -161,3 +172,28 @@ def test_each_fold_starts_at_its_training_studies_weighted_prior(toy_multitask_c
     task.init_model(model, train)
     expected = torch.as_tensor(np.log(weighted_class_prior(train)), dtype=torch.float32)
     torch.testing.assert_close(model.prior_logits.detach(), expected)
+
+
+def test_bilinear_heatmap_target_puts_its_mean_on_the_point():
+    points = torch.tensor([[0.3, 0.71], [0.5, 0.5], [0.02, 0.97]])
+    w = bilinear_cell_weights(points, 16, 8).reshape(3, 16, 8)
+    torch.testing.assert_close(w.sum(dim=(1, 2)), torch.ones(3))
+    xs, ys = (torch.arange(8) + 0.5) / 8, (torch.arange(16) + 0.5) / 16
+    mean = torch.stack([(w.sum(1) * xs).sum(-1), (w.sum(2) * ys).sum(-1)], dim=-1)
+    # Inside the outer cell centres the mean is the point; beyond them, the nearest centre.
+    torch.testing.assert_close(mean[:2], points[:2])
+    torch.testing.assert_close(mean[2], torch.tensor([0.5 / 8, 15.5 / 16]))
+
+
+def test_bilinear_heatmap_loss_raises_the_cells_around_the_true_point():
+    from lsdc.data.multitask import GROUPS
+
+    out, batch = _outputs(1), _batch(1)
+    for g in GROUPS:
+        n, k = len(g.targets), len(g.targets[0])
+        out[f"heatmaps_{g.name}"] = torch.zeros(n, k, 8, 8, requires_grad=True)
+    keypoint_losses(out, batch, heatmap_target="bilinear")["heatmap_ce"].backward()
+    grad = -out["heatmaps_sagittal"].grad[0, 0]  # first sagittal crop, first keypoint
+    x, y = batch["points"][0, GROUPS[0].targets[0][0]] * 8 - 0.5  # in cell-centre units
+    row, col = divmod(int(grad.argmax()), 8)
+    assert abs(row - float(y)) <= 1 and abs(col - float(x)) <= 1

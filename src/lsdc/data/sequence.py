@@ -60,6 +60,12 @@ def mirror_images(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mirror_sequence_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch of the left/right-mirrored patients (images only; targets map back with
+    `mirror_targets`)."""
+    return {**batch, "images": mirror_images(batch["images"])}
+
+
 def mirror_targets(values: torch.Tensor | np.ndarray, dim: int = -1):
     """Swap left/right entries along the 25-target dimension `dim` (labels or probabilities)."""
     index = list(MIRROR_INDEX)

@@ -52,15 +52,12 @@ class _Family:
 
 
 def _sequence_family() -> _Family:
-    from lsdc.data.sequence import SequenceDataset, collate_sequence, mirror_images
-
-    def mirror(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {**batch, "images": mirror_images(batch["images"])}
+    from lsdc.data.sequence import SequenceDataset, collate_sequence, mirror_sequence_batch
 
     return _Family(
         dataset=lambda cache, ids, info: SequenceDataset(cache, ids),
         collate=collate_sequence,
-        mirror_batch=mirror,
+        mirror_batch=mirror_sequence_batch,
         study_ids=lambda ds: list(ds.study_ids),
     )
 

@@ -93,6 +93,13 @@ class EngineConfig:
     # Fit a temperature and an any-severe scale on the OOF predictions (`calibration.json`,
     # applied by `Predictor`); summary.json reports the OOF score calibrated by cross-fitting.
     calibrate: bool = True
+    # Predict the OOF as `lsdc predict` predicts new studies: the mean of each study and its
+    # left/right mirror (when the family has one), so that the calibration and the ensemble
+    # are fitted on what they are applied to.
+    oof_tta_flip: bool = True
+    # Weight averaging: an exponential moving average of the weights with this time constant
+    # in epochs (0 = off). Validation, the checkpoints and the kept weights are the average's.
+    ema_epochs: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -115,6 +122,9 @@ class TrainTask:
     # Called on a fresh model with the labels (n_train, 25) of the fold's training studies
     # (e.g. to start the output at their class prior); never sees validation labels.
     init_model: Callable[[nn.Module, np.ndarray], None] | None = None
+    # The batch of the left/right-mirrored patients (targets map back with `mirror_targets`);
+    # the OOF is predicted on both views with `EngineConfig.oof_tta_flip`.
+    mirror_batch: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -144,7 +154,11 @@ def _lightning():
 
 
 def build_lit_module(
-    model: nn.Module, cfg: EngineConfig, loss_fn: LossFn | None, outputs: Sequence[str] = ()
+    model: nn.Module,
+    cfg: EngineConfig,
+    loss_fn: LossFn | None,
+    outputs: Sequence[str] = (),
+    mirror: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Any:
     """A LightningModule around `model` (created lazily so importing this module stays light)."""
     L = _lightning()
@@ -219,9 +233,15 @@ def build_lit_module(
 
         def predict_step(self, batch, batch_idx):
             out = self.model(batch)
+            probs = out["logits"].float().softmax(-1)
+            if mirror is not None and cfg.oof_tta_flip:
+                from lsdc.data.sequence import mirror_targets
+
+                flipped = self.model(mirror(batch))["logits"].float().softmax(-1)
+                probs = 0.5 * (probs + mirror_targets(flipped, dim=1))
             return {
                 "study_id": batch["study_id"].cpu().numpy(),
-                "probs": out["logits"].float().softmax(-1).cpu().numpy(),
+                "probs": probs.cpu().numpy(),
                 **{f"out_{k}": out[k].float().cpu().numpy() for k in outputs},
             }
 
@@ -252,6 +272,24 @@ def build_lit_module(
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     return LitModel()
+
+
+def _ema_callback() -> Any:
+    """Lightning's weight averaging with an exponential average whose `decay` is set once the
+    number of steps per epoch is known (before `fit`). The checkpoints' `state_dict` holds the
+    average (the raw weights ride along for resuming), so what is kept is the average."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    class EMA(WeightAveraging):
+        def __init__(self) -> None:
+            self.decay = 0.9
+
+            def avg_fn(avg: torch.Tensor, new: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+                return self.decay * avg + (1.0 - self.decay) * new
+
+            super().__init__(use_buffers=True, avg_fn=avg_fn)
+
+    return EMA()
 
 
 def _history_callback(path: Path) -> Any:
@@ -558,7 +596,7 @@ def _train_fold(
     if task.init_model is not None:
         row = {int(s): i for i, s in enumerate(task.study_ids)}
         task.init_model(model, task.labels[[row[int(s)] for s in train_ids]])
-    lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs)
+    lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs, task.mirror_batch)
     accel, precision = resolve_precision(cfg)
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -570,6 +608,7 @@ def _train_fold(
         enable_version_counter=False,
     )
     history = _history_callback(fold_dir / "history.json")
+    ema = _ema_callback() if cfg.ema_epochs > 0 else None
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=accel,
@@ -579,7 +618,7 @@ def _train_fold(
         precision=precision,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
-        callbacks=[checkpoint, history, *callbacks],
+        callbacks=[checkpoint, history, *([ema] if ema else []), *callbacks],
         logger=False,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
@@ -592,6 +631,9 @@ def _train_fold(
         task.make_dataset(train_ids, True), cfg, task.collate, train=True, processes=processes
     )
     val_dl = _loader(task.make_dataset(val_ids, False), cfg, task.collate, train=False)
+    if ema is not None:
+        steps = max(1, math.ceil(len(train_dl) / cfg.accumulate_grad_batches))
+        ema.decay = 1.0 - 1.0 / max(1.0, cfg.ema_epochs * steps)
     last = ckpt_dir / "last.ckpt"
     resume = last if last.exists() and _checkpoint_readable(last) else None
     trainer.fit(lit, train_dl, val_dl, ckpt_path=resume, weights_only=True)

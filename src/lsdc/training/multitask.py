@@ -34,6 +34,7 @@ from lsdc.data.multitask import (
     MultitaskDataConfig,
     MultitaskDataset,
     collate_multitask,
+    mirror_batch,
 )
 from lsdc.fileio import atomic_write_json
 from lsdc.preprocess.cache import StudyCache
@@ -84,7 +85,12 @@ class MultitaskLossConfig:
     first_weight: float = 0.5  # metric loss of the first pass alone
     second_weight: float = 0.5  # metric loss of the second pass alone
     keypoint_weight: float = 5.0  # L1 of normalised coordinates (errors are ~0.01-0.1)
-    heatmap_weight: float = 1.0  # cross-entropy of the heatmap at the true cell
+    heatmap_weight: float = 1.0  # cross-entropy of the heatmap against the true point
+    # The heatmap's target: "cell" (all mass on the cell holding the true point) or
+    # "bilinear" (the point's bilinear weights on the four nearest cell centres, so the
+    # soft-argmax of the target is the point itself, not its cell's centre: with 16 x 16 cells
+    # on a sagittal crop a cell is about 17 mm).
+    heatmap_target: str = "cell"
     visibility_weight: float = 0.1
 
 
@@ -110,8 +116,25 @@ class MultitaskTrainConfig:
 # --------------------------------------------------------------------------- loss
 
 
+def bilinear_cell_weights(points: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Normalised points (M, 2) x/y -> (M, h * w) weights on the cell centres ((j + 0.5) / w)
+    whose weighted mean is the point (clamped to the outer centres) and which sum to 1."""
+    m = points.shape[0]
+    gx = (points[:, 0] * w - 0.5).clamp(0, w - 1)  # in cell-centre units
+    gy = (points[:, 1] * h - 0.5).clamp(0, h - 1)
+    x0, y0 = gx.floor().long().clamp(max=max(w - 2, 0)), gy.floor().long().clamp(max=max(h - 2, 0))
+    fx, fy = gx - x0, gy - y0
+    out = points.new_zeros(m, h * w)
+    rows = torch.arange(m, device=points.device)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = (y0 + dy).clamp(max=h - 1), (x0 + dx).clamp(max=w - 1)
+            out.index_put_((rows, yy * w + xx), wy * wx, accumulate=True)
+    return out
+
+
 def keypoint_losses(
-    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], heatmap_target: str = "cell"
 ) -> dict[str, torch.Tensor]:
     """Masked keypoint terms: `keypoint_l1`, `heatmap_ce` (heatmap head), `visibility`."""
     pred, true = out["keypoints"].float(), batch["points"].float()
@@ -133,11 +156,15 @@ def keypoint_losses(
         if not bool(m.any()):
             continue
         h, w = hm.shape[-2:]
-        col = (t[..., 0] * w).long().clamp(0, w - 1)
-        row = (t[..., 1] * h).long().clamp(0, h - 1)
-        cell = row * w + col
         logits = hm.float().flatten(2)[m]  # (M, h*w)
-        ce = ce + F.cross_entropy(logits, cell[m], reduction="sum")
+        if heatmap_target == "bilinear":
+            target = bilinear_cell_weights(t[m], h, w)
+            ce = ce - (target * logits.log_softmax(-1)).sum()
+        else:
+            col = (t[..., 0] * w).long().clamp(0, w - 1)
+            row = (t[..., 1] * h).long().clamp(0, h - 1)
+            cell = row * w + col
+            ce = ce + F.cross_entropy(logits, cell[m], reduction="sum")
         count += int(m.sum())
     if count:
         terms["heatmap_ce"] = ce / count
@@ -173,7 +200,11 @@ def multitask_loss(
         "heatmap_ce": cfg.heatmap_weight,
         "visibility": cfg.visibility_weight,
     }
-    for name, value in keypoint_losses(out, batch).items():
+    if cfg.heatmap_target not in ("cell", "bilinear"):
+        raise ValueError(
+            f"loss.heatmap_target must be 'cell' or 'bilinear', not {cfg.heatmap_target!r}"
+        )
+    for name, value in keypoint_losses(out, batch, cfg.heatmap_target).items():
         total = total + weights[name] * value
         terms[name] = value.detach()
     return {"loss": total, **terms}
@@ -234,6 +265,7 @@ def multitask_task(
         labels=labels[labelled],
         make_dataset=partial(_make_dataset, root, cfg.data, cfg.engine.seed),
         collate=collate_multitask,
+        mirror_batch=mirror_batch,
         loss_fn=partial(multitask_loss, cfg=cfg.loss, severity=cfg.engine.loss),
         extra={
             "cache_dir": root,

@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from lsdc.config import config_to_dict, save_config
-from lsdc.data.sequence import AugmentConfig, SequenceDataset, collate_sequence
+from lsdc.data.sequence import (
+    AugmentConfig,
+    SequenceDataset,
+    collate_sequence,
+    mirror_sequence_batch,
+)
 from lsdc.preprocess.cache import StudyCache
 from lsdc.training.engine import (
     CVResult,
@@ -93,6 +98,7 @@ def sequence_task(cache_dir: str | Path, cfg: SequenceTrainConfig) -> TrainTask:
         labels=labels[labelled],
         make_dataset=partial(_make_dataset, root, cfg.augment, cfg.engine.seed),
         collate=collate_sequence,
+        mirror_batch=mirror_sequence_batch,
         init_model=_init_prior if cfg.prior_init and cfg.model.target_bias else None,
         extra={"cache_dir": root, "cache_config": cache.config},
     )
