@@ -34,6 +34,7 @@ def batch(toy_multitask_cache):
         {"second_backbone": "window", "heads": "condition"},
         {"fine_stride": 4},
         {"window_pool": "grid"},
+        {"refine": True},
     ],
 )
 def test_outputs_and_masks(batch, kwargs):
@@ -127,6 +128,48 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch(batch):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0], losses
+
+
+def test_the_refiner_learns_to_place_a_bright_dot_inside_its_window():
+    from lsdc.models.multitask import WindowRefiner
+
+    torch.manual_seed(0)
+    refiner = WindowRefiner(3)
+    opt = torch.optim.AdamW(refiner.parameters(), lr=3e-3)
+
+    def dots(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pts = torch.rand(n, 2) * 0.6 + 0.2
+        yy, xx = torch.meshgrid(torch.arange(24.0), torch.arange(24.0), indexing="ij")
+        d2 = (xx - pts[:, :1, None] * 24 + 0.5) ** 2 + (yy - pts[:, 1:, None] * 24 + 0.5) ** 2
+        img = torch.exp(-d2 / 4.0)[:, None].expand(-1, 3, -1, -1)
+        return img, pts
+
+    test_img, test_pts = dots(32)
+    with torch.no_grad():
+        before = (refiner.eval()(test_img) - test_pts).abs().mean()
+    refiner.train()
+    for _ in range(150):
+        img, pts = dots(16)
+        loss = (refiner(img) - pts).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = (refiner.eval()(test_img) - test_pts).abs().mean()
+    assert after < 0.25 * before and after * 24 < 1.5, (before, after)
+
+
+def test_refined_points_are_reported_and_trained(batch):
+    from lsdc.training.losses import LossConfig
+    from lsdc.training.multitask import MultitaskLossConfig, multitask_loss
+
+    model = build_model("multitask", **TINY, refine=True)
+    out = model(batch)
+    assert out["keypoints"].shape == out["keypoints_first"].shape == (2, 25, 2)
+    terms = multitask_loss(out, batch, MultitaskLossConfig(), LossConfig())
+    assert "refine_l1" in terms
+    terms["loss"].backward()
+    assert model.refiner.net[0].weight.grad.abs().sum() > 0
 
 
 def test_teacher_forcing_moves_the_second_pass_to_the_true_points(batch):

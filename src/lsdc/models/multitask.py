@@ -25,6 +25,10 @@ timm model, and classified per target. Which targets share a classifier is `head
 condition, with a learned per-target embedding so that it still knows the level and side). When
 sides share, right-side axial windows are mirrored so that they look like left ones.
 
+With `refine`, a small CNN (`WindowRefiner`) also places each keypoint inside its window (a
+heatmap at half the window's resolution, soft-argmax): `keypoints` are then the refined points
+and `keypoints_first` the first pass's.
+
 The output is the second pass alone (`combine="second"`, the default: the first pass then
 serves the keypoints and an auxiliary loss), the average of the two passes' log-probabilities
 (a geometric mean of the two predictions; "average") or a learned per-target mix ("learned").
@@ -33,7 +37,8 @@ drags the second pass back to 0.68, and the learned mix barely moves from one ha
 do not exist (a missing series) give their targets a learned per-target prior instead.
 
 Outputs (dict): logits (B, 25, 3) combined; logits_first, logits_second (B, 25, 3);
-keypoints (B, 25, 2) normalised crop x/y; visibility (B, 25) logits; heatmaps_<group>
+keypoints (B, 25, 2) normalised crop x/y (refined with `refine`; then also keypoints_first);
+visibility (B, 25) logits; heatmaps_<group>
 (B * n, K, h, w) logits (heatmap head only); crop_present (B, 25) bool.
 """
 
@@ -126,6 +131,30 @@ def _head_index(heads: str) -> list[int]:
     return [names.index(t) for t in canon]
 
 
+class WindowRefiner(nn.Module):
+    """Where in a second-pass window its keypoint lies: a small CNN at half the window's
+    resolution, a one-channel heatmap and its soft-argmax. (M, C, P, P) -> (M, 2) x/y
+    normalised to the window ([0, 1] edge to edge)."""
+
+    def __init__(self, in_chans: int = 3, width: int = 16) -> None:
+        super().__init__()
+
+        def block(a: int, c: int) -> list[nn.Module]:
+            return [nn.Conv2d(a, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+
+        self.net = nn.Sequential(
+            *block(in_chans, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            *block(2 * width, 2 * width),
+            nn.Conv2d(2 * width, 1, 1),
+        )
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        x = (windows - PIXEL_MEAN) / PIXEL_STD
+        return soft_argmax(self.net(x))[:, 0]
+
+
 @register_model("multitask")
 class MultitaskModel(nn.Module):
     """See the module docstring."""
@@ -153,6 +182,7 @@ class MultitaskModel(nn.Module):
         heads: str = "condition",
         fine_stride: int = 8,
         window_pool: str = "mean",
+        refine: bool = False,
     ) -> None:
         super().__init__()
         if keypoint_head not in ("heatmap", "regression"):
@@ -195,6 +225,7 @@ class MultitaskModel(nn.Module):
         # starts matters (`init_prior`).
         self.prior_logits = nn.Parameter(torch.zeros(N_TARGETS, N_CLASSES))
 
+        self.refiner: nn.Module | None = None
         if second_pass:
             if second_backbone == "shared":
                 self.second = None
@@ -209,6 +240,9 @@ class MultitaskModel(nn.Module):
                 nn.Linear(n2, hidden_dim), nn.GELU(), nn.Dropout(dropout)
             )
             self.second_heads = TargetHeads(hidden_dim, index)
+            # Local refinement: a heatmap over each window places its keypoint at the
+            # window's finer pixels (a first-pass cell on a 64-px sagittal crop is ~17 mm).
+            self.refiner = WindowRefiner(3) if refine else None
             if combine == "learned":
                 self.mix = nn.Parameter(torch.zeros(N_TARGETS))  # per-target weight, sigmoid
             self.sr: nn.Module | None = None
@@ -330,6 +364,7 @@ class MultitaskModel(nn.Module):
         present = torch.zeros(b, N_TARGETS, dtype=torch.bool, device=dev)
         out: dict[str, torch.Tensor] = {}
         teacher = batch.get("teacher")
+        refined_all = ref.new_zeros(b, N_TARGETS, 2)
         for g in GROUPS:
             images = batch[f"{g.name}_images"]  # (B, n, 3, H, W)
             n = images.shape[1]
@@ -360,6 +395,12 @@ class MultitaskModel(nn.Module):
                 batch[f"{g.name}_fine_hw"].flatten(0, 1),
                 centres.reshape(b * n, k, 2),
             )  # (B*n*K, 3, P, P)
+            if self.second_pass and self.refiner is not None:
+                # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
+                r = self.refiner(windows)  # (B*n*K, 2)
+                refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * self.windows[g.name]
+                refined = refined.clamp(0, 1).reshape(b, n * k, 2)
+                refined_all.scatter_(1, flat_t[..., None].expand(-1, -1, 2), refined)
             flat_targets = tgt.reshape(-1)
             if self.mirror_right and g.name == "axial":
                 # Right-side windows mirrored: one head reads both sides the same way.
@@ -390,4 +431,7 @@ class MultitaskModel(nn.Module):
             visibility=visibility,
             crop_present=present,
         )
+        if self.second_pass and self.refiner is not None:
+            # The reported points are the refined ones; the first pass's stay for its loss.
+            out.update(keypoints=refined_all, keypoints_first=keypoints)
         return out

@@ -78,6 +78,8 @@ class MultitaskModelConfig:
     fine_stride: int = 8
     # How the window encoder pools ("mean" | "grid": also a coarse map, so it knows where).
     window_pool: str = "mean"
+    # Refine each keypoint inside its second-pass window (`WindowRefiner`).
+    refine: bool = False
 
 
 @dataclass
@@ -92,6 +94,7 @@ class MultitaskLossConfig:
     # on a sagittal crop a cell is about 17 mm).
     heatmap_target: str = "cell"
     visibility_weight: float = 0.1
+    refine_weight: float = 5.0  # L1 of the refined points (model.refine), as keypoint_weight
 
 
 @dataclass
@@ -136,8 +139,9 @@ def bilinear_cell_weights(points: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def keypoint_losses(
     out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], heatmap_target: str = "cell"
 ) -> dict[str, torch.Tensor]:
-    """Masked keypoint terms: `keypoint_l1`, `heatmap_ce` (heatmap head), `visibility`."""
-    pred, true = out["keypoints"].float(), batch["points"].float()
+    """Masked keypoint terms: `keypoint_l1` (first pass), `refine_l1` (refined points, when the
+    model refines), `heatmap_ce` (heatmap head), `visibility`."""
+    pred, true = out.get("keypoints_first", out["keypoints"]).float(), batch["points"].float()
     valid = batch["point_mask"] & out["crop_present"]  # (B, 25)
     terms: dict[str, torch.Tensor] = {}
     zero = pred.sum() * 0.0
@@ -145,6 +149,11 @@ def keypoint_losses(
         terms["keypoint_l1"] = (pred - true).abs().sum(-1)[valid].mean()
     else:
         terms["keypoint_l1"] = zero
+    if "keypoints_first" in out:
+        refined = out["keypoints"].float()
+        terms["refine_l1"] = (
+            (refined - true).abs().sum(-1)[valid].mean() if bool(valid.any()) else refined.sum() * 0
+        )
     ce, count = zero, 0
     for g in GROUPS:
         hm = out.get(f"heatmaps_{g.name}")
@@ -199,6 +208,7 @@ def multitask_loss(
         "keypoint_l1": cfg.keypoint_weight,
         "heatmap_ce": cfg.heatmap_weight,
         "visibility": cfg.visibility_weight,
+        "refine_l1": cfg.refine_weight,
     }
     if cfg.heatmap_target not in ("cell", "bilinear"):
         raise ValueError(
