@@ -150,3 +150,40 @@ def test_old_cache_format_is_refused(tmp_path):
     StudyCache(tmp_path / "old", "multitask", {"format": 1, "split": "train"})
     with pytest.raises(ValueError, match="preprocess it again"):
         MultitaskDataset(tmp_path / "old")
+
+
+def _five_slice_cache(root):
+    """The toy cache rewritten with 5 slices a crop, slice j filled with j / 10 (image and
+    native window), as a cache made with selection.neighbours=2 stores them."""
+    from lsdc.preprocess.cache import StudyCache
+
+    cache = StudyCache.open(root)
+    for sid in cache.study_ids():
+        arrays, meta = cache.load(sid)
+        for name in list(arrays):
+            if name.endswith(("__image", "__hires")):
+                h, w = arrays[name].shape[-2:]
+                ramp = np.arange(5, dtype=np.float16)[:, None, None] / 10
+                arrays[name] = np.broadcast_to(ramp, (5, h, w)).copy()
+        cache.save(sid, arrays, meta)
+    return root
+
+
+def test_slice_shift_takes_three_neighbouring_slices_off_centre(toy_multitask_cache):
+    cache = _five_slice_cache(toy_multitask_cache(n_studies=1, size=16, hires=24))
+    plain = MultitaskDataset(cache)[0]["axial_images"]  # (5 crops, 3, H, W)
+    # Outside training (and in training without the shift) the centre three: slices 1, 2, 3.
+    np.testing.assert_allclose(plain[:, :, 0, 0].numpy(), [[0.1, 0.2, 0.3]] * 5, atol=1e-3)
+    ds = MultitaskDataset(cache, config=_only(slice_shift_prob=1.0), train=True)
+    firsts = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        for group in ("axial", "sagittal"):
+            for image, fine in zip(item[f"{group}_images"], item[f"{group}_fine"], strict=True):
+                values = image[:, 0, 0].numpy()
+                first = round(float(values[0]) * 10)
+                np.testing.assert_allclose(values, (first + np.arange(3)) / 10, atol=1e-3)
+                np.testing.assert_allclose(fine[:, 0, 0].numpy(), values, atol=1e-3)
+                firsts.add(first)
+    assert firsts == {0, 2}  # always shifted, one slice either way

@@ -68,6 +68,7 @@ def _groups() -> tuple[CropGroup, CropGroup]:
 
 
 GROUPS: tuple[CropGroup, ...] = _groups()
+SLICES = 3  # slices a crop gives the model (its channels); the cache may hold more
 # MIRROR_INDEX[j]: the target that target j becomes when the patient is mirrored left/right.
 MIRROR_INDEX: tuple[int, ...] = tuple(TARGETS.index(mirror_target(t)) for t in TARGETS)
 _AXIAL_TARGETS = tuple(j for crop in GROUPS[1].targets for j in crop)
@@ -97,6 +98,12 @@ class MultitaskAugmentConfig:
     # windows, then from the predicted ones they will see at inference.
     teacher_start: float = 1.0
     teacher_epochs: int = 3
+    # Slice shift: with this probability a crop's three slices are taken one or more slices
+    # off the selected one (up to `slice_shift_max`, as far as the cache holds: a cache made
+    # with `selection.neighbours=2` keeps 5 slices), the error slice relevance makes on new
+    # studies. The keypoints keep their in-plane position.
+    slice_shift_prob: float = 0.0
+    slice_shift_max: int = 1
 
 
 @dataclass
@@ -229,8 +236,13 @@ class MultitaskDataset(Dataset):
             images, fines, present = [], [], []
             for key, targets in zip(group.keys, group.targets, strict=True):
                 c = crops[key]
-                image = torch.from_numpy(c.image)  # (3, S, S)
-                fine = torch.from_numpy(c.hires) if c.hires.shape[-1] > c.image.shape[-1] else image
+                first = self._first_slice(len(c.image), aug, gen)
+                image = torch.from_numpy(c.image[first : first + SLICES])  # (3, S, S)
+                fine = (
+                    torch.from_numpy(c.hires[first : first + SLICES])
+                    if c.hires.shape[-1] > c.image.shape[-1]
+                    else image
+                )
                 h, w = c.image.shape[-2:]
                 pts = torch.from_numpy(c.keypoints.astype(np.float32))  # crop pixels
                 pts = (pts + 0.5) / torch.tensor([w, h], dtype=torch.float32)
@@ -260,6 +272,17 @@ class MultitaskDataset(Dataset):
             study_id=torch.tensor(sid, dtype=torch.int64),
         )
         return item
+
+    @staticmethod
+    def _first_slice(n: int, aug: MultitaskAugmentConfig | None, gen) -> int:
+        """First of the three slices taken from a cached stack of `n` (centre on the selected
+        slice; shifted at random in training with `slice_shift_prob`)."""
+        start = (n - SLICES) // 2
+        room = min(start, aug.slice_shift_max) if aug is not None else 0
+        if room > 0 and torch.rand((), generator=gen).item() < aug.slice_shift_prob:
+            step = int(torch.randint(1, room + 1, (), generator=gen))
+            start += step if torch.rand((), generator=gen).item() < 0.5 else -step
+        return start
 
     @staticmethod
     def _augment(group, image, fine, pts, mask, idx, labels, aug, gen):
