@@ -96,11 +96,14 @@ def _write_toy_multitask_cache(
     seed: int = 0,
     split: str = "train",
     absent: dict[int, str] | None = None,
+    ordered: bool = False,
 ) -> Path:
     """A multitask cache of random studies written directly (no DICOM): every crop is noise
     with a bright dot on each keypoint whose size grows with the keypoint's severity (so a model
     can learn something). `hires` > 0 also stores each crop at that size as its native window;
-    `absent` maps study index -> a crop key stored as missing."""
+    `absent` maps study index -> a crop key stored as missing. `ordered`: the dots lie as the
+    anatomy orders them (sagittal levels top to bottom, the patient's left axial point on the
+    right of the image), so a model can tell which dot is which keypoint."""
     from lsdc.constants import SERIES_TYPES, TARGETS
     from lsdc.preprocess.cache import StudyCache
     from lsdc.preprocess.multitask import CACHE_FORMAT, _empty_crop, crop_key, keypoint_names
@@ -129,6 +132,12 @@ def _write_toy_multitask_cache(
                 present = not (absent and absent.get(i) == key)
                 if present:
                     pts = rng.uniform(0.25 * size, 0.75 * size, (len(names), 2))
+                    if ordered:
+                        k = len(names)
+                        pts[:, int(k == 2)] = (
+                            np.linspace(0.2, 0.8, k)[:: -1 if k == 2 else 1] * size
+                        )
+                        pts += rng.uniform(-0.03, 0.03, pts.shape) * size
                     idx = [TARGETS.index(f"{c}_{lv}") for c, lv in names]
                     radii = 1.0 + 0.06 * size * np.maximum(labels[idx], 0)
                     window = np.array([10, 10 + 2 * size, 20, 20 + 2 * size])

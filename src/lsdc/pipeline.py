@@ -589,7 +589,7 @@ class PredictReport:
     path: Path
     studies: int  # rows / 25
     seen_by: dict[str, int]  # model -> studies it predicted
-    prior_only: list[int]  # studies no model could see (class prior)
+    prior_only: list[int]  # studies no model could see (weighted prior)
     warnings_path: Path
     warnings: list[dict[str, Any]]
     study_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -639,7 +639,7 @@ def predict(
     """Raw DICOM folders -> a complete, valid submission at `out_csv`.
 
     Every study listed in `<split>_series_descriptions.csv` gets its 25 rows: from the models
-    that could see it, else the class prior. Each study a model could not see is written, with
+    that could see it, else the weighted prior. Each study a model could not see is written, with
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
     Dask cluster `work_dir` must be a folder every worker sees at the same path."""
@@ -728,7 +728,9 @@ def predict(
         pooled = ens.combine(probs, avail)
     prior_only = [s for s, a in zip(listed, avail.any(axis=1), strict=True) if not a]
     for s in prior_only:
-        report_warnings.append({"study_id": s, "model": "all", "problem": "given the class prior"})
+        report_warnings.append(
+            {"study_id": s, "model": "all", "problem": "given the weighted prior"}
+        )
     path = write_submission(build_submission(listed, pooled), out)
     warnings_path = out.with_name(f"{out.stem}_warnings.csv")
     import pandas as pd

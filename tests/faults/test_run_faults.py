@@ -84,7 +84,7 @@ def test_predict_writes_a_complete_submission_whatever_the_inputs(
     assert set(warned.study_id) == {a, b}
     text_a = " ".join(warned[warned.study_id == a].problem)
     assert bad.name in text_a and f"folder {t1} missing" in text_a
-    assert "given the class prior" in " ".join(warned[warned.study_id == b].problem)
+    assert "given the weighted prior" in " ".join(warned[warned.study_id == b].problem)
     fx.no_partial_files(tmp_path)
 
 

@@ -63,6 +63,10 @@ def test_fitted_weights_favour_the_informative_model_and_the_report_is_cross_fit
     # Cross-fitted: never better than the same pool scored on the rows it was fitted on.
     in_sample = score_arrays(labels, ens.combine([good, noise]))["score"]
     assert report.score["score"] >= in_sample - 1e-9
+    # A study no model sees gets the best constant: the weighted prior of the training labels.
+    from lsdc.training.engine import weighted_class_prior
+
+    np.testing.assert_allclose(ens.prior, weighted_class_prior(labels))
 
 
 def test_saved_ensemble_names_runs_relative_to_itself(tmp_path):

@@ -13,7 +13,8 @@ is pooled with parameters fitted on the others, and that cross-fitted score is t
 cross-fitted on the same folds. The parameters saved are then fitted on all OOF studies.
 
 A study that some models could not see is pooled from the others (their weights renormalised);
-one that none could see gets the class prior of the training labels, stored in the file.
+one that none could see gets the weighted prior (the metric-optimal constant) of the training
+labels, stored in the file.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def fit_ensemble(
 ) -> tuple[Ensemble, EnsembleReport]:
     """Fit the pool of `run_dirs` ({name: run folder}) on their common OOF studies, with its
     own cross-validation (see the module docstring)."""
-    from lsdc.training.engine import class_prior
+    from lsdc.training.engine import class_prior, weighted_class_prior
 
     names = list(run_dirs)
     if not names:
@@ -293,7 +294,8 @@ def fit_ensemble(
     )
     final = fit_pool(labels, probs, names)
     final.runs = [str(run_dirs[n]) for n in names]
-    # The prior of every labelled study any run trained on, for studies no model can see.
+    # For studies no model can see: the metric-optimal constant (the weighted prior) of every
+    # labelled study any run trained on; it scores better than the plain class prior.
     by_study = {int(s): lab for o in oofs for s, lab in zip(o.study_ids, o.labels, strict=True)}
-    final.prior = class_prior(np.stack(list(by_study.values())))
+    final.prior = weighted_class_prior(np.stack(list(by_study.values())))
     return final, report
