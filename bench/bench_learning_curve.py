@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="24+6 studies at 64 px, tiny preset")
     p.add_argument("--fresh", action="store_true", help="empty WORK first (not the phantom)")
     p.add_argument("--out", type=Path, default=Path("bench/results/learning_curve.json"))
+    p.add_argument("--png", type=Path, help="the picture (default: beside --out)")
     p.add_argument("--point", type=int, help=argparse.SUPPRESS)  # one point, in a child
     args = p.parse_args(argv)
     if args.quick:
@@ -206,7 +207,7 @@ def plot_curve(points: list[dict], png: Path) -> Path:
     points = sorted(points, key=lambda p: p["train_studies"])
     xs = [p["train_studies"] for p in points]
     names = [n for n in points[-1]["test"]["rows"] if n not in BASELINES]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)
     for name in names:
         ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
         style = {"lw": 2.5} if name == "ensemble" else {"lw": 1.5, "ls": "--"}
@@ -223,7 +224,7 @@ def plot_curve(points: list[dict], png: Path) -> Path:
     n_test = points[-1]["test"]["studies"]
     ax.set_title(f"Learning curve on {n_test} held-out phantom studies", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
@@ -233,7 +234,7 @@ def plot_curve(points: list[dict], png: Path) -> Path:
 
 def write_curve(args: argparse.Namespace, data: Path, points: list[dict]) -> dict:
     points = sorted(points, key=lambda p: p["train_studies"])
-    png = args.out.with_suffix(".png")
+    png = args.png or args.out.with_suffix(".png")
     result = {
         "benchmark": "bench_learning_curve",
         "command": "python bench/bench_learning_curve.py " + " ".join(sys.argv[1:]),

@@ -37,10 +37,13 @@ def _condition(target: str) -> str:
     return target.replace("left_", "").replace("right_", "").rsplit("_", 2)[0]
 
 
-def true_point_patches(cache, ids: list[int], px: int) -> dict[tuple[int, int], np.ndarray]:
+def true_point_patches(
+    cache, ids: list[int], px: int, predicted: dict[int, np.ndarray] | None = None
+) -> dict[tuple[int, int], np.ndarray]:
     """(study, target index) -> the flattened px x px patch of the crop's centre slice around
-    the true keypoint (edge-padded); right axial patches mirrored so that one probe reads both
-    sides alike."""
+    the true keypoint (edge-padded), or around the `predicted` one (study -> (25, 2) normalised
+    crop x/y) where given, for the same targets; right axial patches mirrored so that one probe
+    reads both sides alike."""
     from lsdc.constants import TARGETS
     from lsdc.preprocess.multitask import load_multitask_study
 
@@ -51,11 +54,14 @@ def true_point_patches(cache, ids: list[int], px: int) -> dict[tuple[int, int], 
             if not c.present:
                 continue
             centre = np.pad(c.image[c.image.shape[0] // 2], half + 1, mode="edge")
+            size = np.array(c.image.shape[-1:-3:-1], dtype=float)  # (w, h)
             for name, (x, y), ok in zip(
                 c.keypoint_names, c.keypoints, c.keypoint_mask, strict=True
             ):
                 if not ok:
                     continue
+                if predicted is not None:
+                    x, y = predicted[sid][TARGETS.index(name)] * size - 0.5
                 r, q = int(round(y)) + half + 1, int(round(x)) + half + 1
                 patch = centre[r - half : r - half + px, q - half : q - half + px]
                 if c.series_type.startswith("Axial") and name.startswith("right_"):
@@ -171,6 +177,16 @@ def main(argv: list[str] | None = None) -> dict:
     probe_probs = probe(labels, fold, feats, ids)
     readers["linear probe at true points"] = np.where(
         np.isnan(probe_probs), readers["class prior"], probe_probs
+    )
+    # The same probe where the model put the points (its out-of-fold keypoints).
+    from lsdc.fileio import load_npz
+
+    oof, _ = load_npz(run / "oof.npz")
+    predicted = dict(zip(oof["study_ids"].tolist(), oof["out_keypoints"], strict=True))
+    at_pred = true_point_patches(cache, ids, args.patch, predicted)
+    probe_pred = probe(labels, fold, at_pred, ids)
+    readers["linear probe at predicted points"] = np.where(
+        np.isnan(probe_pred), readers["class prior"], probe_pred
     )
 
     scores = {name: score_arrays(labels, p) for name, p in readers.items()}

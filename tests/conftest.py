@@ -101,9 +101,9 @@ def _write_toy_multitask_cache(
     """A multitask cache of random studies written directly (no DICOM): every crop is noise
     with a bright dot on each keypoint whose size grows with the keypoint's severity (so a model
     can learn something). `hires` > 0 also stores each crop at that size as its native window;
-    `absent` maps study index -> a crop key stored as missing. `ordered`: the dots lie as the
-    anatomy orders them (sagittal levels top to bottom, the patient's left axial point on the
-    right of the image), so a model can tell which dot is which keypoint."""
+    `absent` maps study index -> a crop key stored as missing. `ordered`: the dots lie at fixed
+    places in the anatomy's order (sagittal levels top to bottom, the patient's left axial point
+    on the right of the image), so that only their size, the severity, varies."""
     from lsdc.constants import SERIES_TYPES, TARGETS
     from lsdc.preprocess.cache import StudyCache
     from lsdc.preprocess.multitask import CACHE_FORMAT, _empty_crop, crop_key, keypoint_names
@@ -134,10 +134,9 @@ def _write_toy_multitask_cache(
                     pts = rng.uniform(0.25 * size, 0.75 * size, (len(names), 2))
                     if ordered:
                         k = len(names)
-                        pts[:, int(k == 2)] = (
-                            np.linspace(0.2, 0.8, k)[:: -1 if k == 2 else 1] * size
-                        )
-                        pts += rng.uniform(-0.03, 0.03, pts.shape) * size
+                        line = np.linspace(0.2, 0.8, k) * size
+                        pts[:] = 0.5 * size
+                        pts[:, int(k == 2)] = line[::-1] if k == 2 else line
                     idx = [TARGETS.index(f"{c}_{lv}") for c, lv in names]
                     radii = 1.0 + 0.06 * size * np.maximum(labels[idx], 0)
                     window = np.array([10, 10 + 2 * size, 20, 20 + 2 * size])

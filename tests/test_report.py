@@ -175,3 +175,26 @@ def test_best_model_is_marked(tmp_path: Path) -> None:
     best = re.search(r'<tr class="best"><td>([^<]*)</td>', text)
     assert best is not None and best.group(1) == "multitask"
     assert text.count('<tr class="baseline">') == 3
+
+
+def test_ensemble_section_names_each_groups_weights_and_the_verdict(tmp_path: Path) -> None:
+    ensemble = {
+        "models": ["multitask", "sequence"],
+        "weights": {
+            "spinal": {"multitask": 0.9, "sequence": 0.1},
+            "foraminal": {"multitask": 0.5, "sequence": 0.5},
+            "subarticular": {"multitask": 0.7, "sequence": 0.3},
+        },
+        "oof": {
+            "studies": 40,
+            "ensemble": {"score": 0.71},
+            "models_calibrated": {"multitask": {"score": 0.70}, "sequence": {"score": 0.80}},
+            "beats_each_model": False,
+        },
+    }
+    text = write_report(tmp_path / "r", scores=SCORES, ensemble=ensemble).read_text()
+    assert "<h2>Ensemble</h2>" in text and "0.90" in text and "0.10" in text
+    assert "does not beat multitask alone (0.7000)" in text
+    ensemble["oof"]["beats_each_model"] = True
+    text = write_report(tmp_path / "r2", scores=SCORES, ensemble=ensemble).read_text()
+    assert "beats every model alone" in text

@@ -229,6 +229,9 @@ def _write_report(out: Path, cfg: DemoConfig, report: DemoReport, predictions: d
         stage_seconds=report.seconds,
         pictures=pictures,
         title="lsdc demo: phantom data, held-out test studies",
+        ensemble=json.loads((runs / "ensemble.json").read_text())
+        if (runs / "ensemble.json").is_file()
+        else None,
         notes=[
             f"{cfg.train_studies} training and {cfg.test_studies} test phantom studies at "
             f"{cfg.size} px; `lsdc fit --preset {cfg.preset}` then `lsdc predict`.",

@@ -75,6 +75,7 @@ def write_report(
     pictures: Sequence[tuple[str, str | Path]] = (),
     title: str = "lsdc report",
     notes: Sequence[str] = (),
+    ensemble: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `out_dir/index.html` (and the PNGs it shows, and scores.json); returns its path.
 
@@ -84,7 +85,8 @@ def write_report(
     keypoint_error: {series type: {"median", "p90", "n"}} in mm (`keypoint_error_of`).
     stage_seconds: {stage: seconds}, in the order the stages ran. pictures: (caption, PNG path)
     pairs, copied in; a missing one is an error, since the caller made it. notes: paragraphs
-    under the title (what data, which settings).
+    under the title (what data, which settings). ensemble: the saved ensemble file's content
+    (weights per metric group, calibration, its cross-fitted OOF report under "oof").
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,8 @@ def write_report(
     oof = _oof_section(run_dirs or {})
     if oof:
         parts.append(oof)
+    if ensemble:
+        parts.append(_ensemble_section(ensemble))
     if confusion:
         parts.append("<h2>Confusion matrices (test studies)</h2>")
         parts.append(
@@ -195,6 +199,44 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
             f'<td class="num">{_percent(gap)}</td></tr>'
         )
     lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _ensemble_section(ens: Mapping[str, Any]) -> str:
+    """Which model the ensemble keeps for each metric group, and whether that beats each one."""
+    models = list(ens.get("models", []))
+    weights = ens.get("weights", {})
+    head = "".join(f"<th>{_esc(m)}</th>" for m in models)
+    lines = [
+        "<h2>Ensemble</h2>",
+        '<p class="note">Weight of each model per metric group (left and right share theirs), '
+        "fitted on the out-of-fold predictions to minimise the metric, then one calibration of "
+        "the pool. A weight near 0 means the ensemble drops that model for the group.</p>",
+        f"<table>\n<tr><th>group</th>{head}</tr>",
+    ]
+    for group, row in weights.items():
+        cells = "".join(f'<td class="num">{_num(row.get(m), ".2f")}</td>' for m in models)
+        lines.append(f"<tr><td>{_esc(group)}</td>{cells}</tr>")
+    lines.append("</table>")
+    oof = ens.get("oof") or {}
+    if oof.get("ensemble"):
+        own = {m: (oof.get("models_calibrated") or {}).get(m, {}).get("score") for m in models}
+        best = min(((s, m) for m, s in own.items() if s is not None), default=None)
+        pool = oof["ensemble"]["score"]
+        verdict = (
+            "beats every model alone"
+            if oof.get("beats_each_model")
+            else f"does not beat {best[1]} alone ({_num(best[0])}); the pool keeps the weights "
+            "above, shrunk toward equal ones, since its out-of-fold studies are few"
+            if best
+            else ""
+        )
+        text = ", ".join(f"{m} {_num(s)}" for m, s in own.items() if s is not None)
+        lines.append(
+            f'<p class="note">Out of fold, cross-fitted on {_esc(str(oof.get("studies", "")))} '
+            f"studies: the ensemble scores {_num(pool)} (each model with its own calibration: "
+            f"{_esc(text)}), so it {_esc(verdict)}.</p>"
+        )
     return "\n".join(lines)
 
 

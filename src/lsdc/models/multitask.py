@@ -182,6 +182,7 @@ class MultitaskModel(nn.Module):
         heads: str = "condition",
         fine_stride: int = 8,
         window_pool: str = "mean",
+        window_pixels: int = 0,
         refine: bool = False,
     ) -> None:
         super().__init__()
@@ -231,7 +232,7 @@ class MultitaskModel(nn.Module):
                 self.second = None
                 n2 = nf
             elif second_backbone == "window":
-                self.second = WindowEncoder(3, pool=window_pool)
+                self.second = WindowEncoder(3, pool=window_pool, pixels=window_pixels)
                 n2 = self.second.num_features
             else:
                 self.second = create_backbone(second_backbone, 3, pretrained=False)

@@ -78,6 +78,8 @@ class MultitaskModelConfig:
     fine_stride: int = 8
     # How the window encoder pools ("mean" | "grid": also a coarse map, so it knows where).
     window_pool: str = "mean"
+    # > 0: the window encoder also passes on the window's standardised pixels at this size.
+    window_pixels: int = 0
     # Refine each keypoint inside its second-pass window (`WindowRefiner`).
     refine: bool = False
 
