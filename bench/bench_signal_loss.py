@@ -14,6 +14,7 @@ The ratios to the weighted prior show which step loses what: probe -> teacher is
 value of the windows.
 
     python bench/bench_signal_loss.py --runs RUNS [--patch 20] [--out JSON]
+    python bench/bench_signal_loss.py --cache CACHE --folds 2    # the probe alone (resolution)
 
 Writes JSON to bench/results/bench_signal_loss.json (or --out) and prints a table.
 """
@@ -135,7 +136,12 @@ def model_passes(run: Path, cache: Path, fold: int, ids: list[int], teacher: boo
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", type=Path, required=True, help="a `lsdc fit` runs folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--runs", type=Path, help="a `lsdc fit` runs folder")
+    src.add_argument(
+        "--cache", type=Path, help="a multitask train cache alone: the probe only (--folds)"
+    )
+    p.add_argument("--folds", type=int, default=2, help="with --cache: folds by study")
     p.add_argument("--patch", type=int, default=20, help="probe patch side, crop pixels")
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_signal_loss.json"))
     args = p.parse_args(argv)
@@ -145,9 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     from lsdc.training.engine import class_prior, weighted_class_prior
     from lsdc.training.folds import FOLDS_FILE, load_folds
 
-    run, cache_dir = args.runs / "multitask", args.runs / "cache" / "multitask-train"
+    if args.runs is not None:
+        run, cache_dir = args.runs / "multitask", args.runs / "cache" / "multitask-train"
+        folds = load_folds(run / FOLDS_FILE)
+    else:
+        run, cache_dir = None, args.cache
+        every = StudyCache.open(cache_dir).study_ids()
+        order = np.random.default_rng(0).permutation(len(every))
+        folds = {int(every[i]): k % args.folds for k, i in enumerate(order)}
     cache = StudyCache.open(cache_dir)
-    folds = load_folds(run / FOLDS_FILE)
     all_ids = sorted(s for s in folds if cache.has(s))
     feats = true_point_patches(cache, all_ids, args.patch)
     with_coords = {s for s, _ in feats}
@@ -155,11 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = cache.labels(ids)
     fold = np.array([folds[s] for s in ids])
 
-    readers: dict[str, np.ndarray] = {
-        k: np.zeros((len(ids), 25, 3))
-        for k in ("class prior", "weighted prior", "first pass", "second pass at predicted points",
-                  "second pass at true points", "model output")
-    }  # fmt: skip
+    passes = ("first pass", "second pass at predicted points", "second pass at true points",
+              "model output") if run is not None else ()  # fmt: skip
+    readers = {k: np.zeros((len(ids), 25, 3)) for k in ("class prior", "weighted prior", *passes)}
     all_labels = cache.labels(all_ids)
     all_fold = np.array([folds[s] for s in all_ids])
     for f in np.unique(fold):
@@ -167,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_labels = all_labels[all_fold != f]
         readers["class prior"][at] = class_prior(train_labels)
         readers["weighted prior"][at] = weighted_class_prior(train_labels)
+        if run is None:
+            continue
         fold_ids = [s for s, a in zip(ids, at, strict=True) if a]
         pred = model_passes(run, cache_dir, int(f), fold_ids, teacher=False)
         true = model_passes(run, cache_dir, int(f), fold_ids, teacher=True)
@@ -178,16 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
     readers["linear probe at true points"] = np.where(
         np.isnan(probe_probs), readers["class prior"], probe_probs
     )
-    # The same probe where the model put the points (its out-of-fold keypoints).
-    from lsdc.fileio import load_npz
+    if run is not None:
+        # The same probe where the model put the points (its out-of-fold keypoints).
+        from lsdc.fileio import load_npz
 
-    oof, _ = load_npz(run / "oof.npz")
-    predicted = dict(zip(oof["study_ids"].tolist(), oof["out_keypoints"], strict=True))
-    at_pred = true_point_patches(cache, ids, args.patch, predicted)
-    probe_pred = probe(labels, fold, at_pred, ids)
-    readers["linear probe at predicted points"] = np.where(
-        np.isnan(probe_pred), readers["class prior"], probe_pred
-    )
+        oof, _ = load_npz(run / "oof.npz")
+        predicted = dict(zip(oof["study_ids"].tolist(), oof["out_keypoints"], strict=True))
+        at_pred = true_point_patches(cache, ids, args.patch, predicted)
+        probe_pred = probe(labels, fold, at_pred, ids)
+        readers["linear probe at predicted points"] = np.where(
+            np.isnan(probe_pred), readers["class prior"], probe_pred
+        )
 
     scores = {name: score_arrays(labels, p) for name, p in readers.items()}
     base = scores["weighted prior"]
@@ -202,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "bench_signal_loss",
         "command": "python bench/bench_signal_loss.py " + " ".join(argv or sys.argv[1:]),
-        "runs": str(args.runs),
+        "runs": str(args.runs or args.cache),
         "studies": len(ids),
         "patch_px": args.patch,
         "readers": table,
