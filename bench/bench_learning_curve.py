@@ -153,6 +153,7 @@ def run_point(args: argparse.Namespace, data: Path, n: int) -> dict:
     weighted = rows[WEIGHTED]["score"]
     for row in rows.values():
         row["ratio_to_weighted_prior"] = row["score"] / weighted
+    rows[OWN_PRIOR] = own_prior_row(data, sub_data, table)
     summaries = {}
     for m in models:
         path = base / "runs" / m / "summary.json"
@@ -174,6 +175,31 @@ def run_point(args: argparse.Namespace, data: Path, n: int) -> dict:
 
 # --------------------------------------------------------------------------- curve
 
+OWN_PRIOR = "weighted prior of the N studies"
+
+
+def own_prior_row(data: Path, sub_data: Path, table: dict) -> dict:
+    """The weighted prior of the point's own training studies (the best constant a model
+    trained on them could know) on the truth rows `table` scored, in its rows' layout."""
+    import numpy as np
+
+    from lsdc.evaluation import WEIGHTED
+    from lsdc.io.tables import read_train_labels
+    from lsdc.metrics import labels_array, score_arrays
+    from lsdc.training.engine import weighted_class_prior
+
+    tids, tlabels = labels_array(read_train_labels(data / "truth" / "test_labels.csv"))
+    _, own = labels_array(read_train_labels(sub_data / "train.csv"))
+    if table["studies"] != len(tids):  # the same rows as the models, or none
+        raise ValueError(f"{sub_data}: {table['studies']} of {len(tids)} test studies scored")
+    terms = score_arrays(tlabels, np.repeat(weighted_class_prior(own)[None], len(tids), axis=0))
+    weighted = table["rows"][WEIGHTED]["score"]
+    return {
+        "kind": "baseline",
+        **{k: float(v) for k, v in terms.items()},
+        "ratio_to_weighted_prior": terms["score"] / weighted,
+    }
+
 
 def curve_rows(points: list[dict]) -> list[dict]:
     """One flat row per point: every model's and baseline's score and ratios."""
@@ -185,8 +211,8 @@ def curve_rows(points: list[dict]) -> list[dict]:
             row[name] = {
                 "score": r["score"],
                 "x_weighted_prior": r["ratio_to_weighted_prior"],
-                "x_class_prior": r["ratio_to_prior"]["score"],
-                "gap_closed": r["gap_closed"],
+                "x_class_prior": r["score"] / rows["class prior"]["score"],
+                "gap_closed": r.get("gap_closed"),
             }
         row["keypoint_error_mm"] = p.get("keypoint_error_mm")
         row["fit_wall_seconds"] = p["fit_wall_seconds"]
@@ -206,16 +232,19 @@ def plot_curve(points: list[dict], png: Path) -> Path:
 
     points = sorted(points, key=lambda p: p["train_studies"])
     xs = [p["train_studies"] for p in points]
-    names = [n for n in points[-1]["test"]["rows"] if n not in BASELINES]
+    names = [n for n in points[-1]["test"]["rows"] if n not in (*BASELINES, OWN_PRIOR)]
     fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)
     for name in names:
         ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
         style = {"lw": 2.5} if name == "ensemble" else {"lw": 1.5, "ls": "--"}
         ax.plot(xs, ys, marker="o", label=name, **style)
-    for name, style in ((PRIOR, ":"), (ORACLE, "-.")):
-        ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
-        ax.plot(xs, ys, color="grey", ls=style, lw=1, label=name)
-    ax.axhline(1.0, color="black", lw=0.8, label="weighted prior (best constant)")
+    for name, style in ((PRIOR, ":"), (OWN_PRIOR, "--"), (ORACLE, "-.")):
+        if all(name in p["test"]["rows"] for p in points):
+            ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
+            ax.plot(xs, ys, color="grey", ls=style, lw=1, label=name)
+    ax.axhline(
+        1.0, color="black", lw=0.8, label="weighted prior of the whole training set (best constant)"
+    )
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.minorticks_off()
@@ -305,7 +334,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             point = json.loads(path.read_text())
             point["peak_rss_mb"] = child.peak_rss_mb
             path.write_text(json.dumps(point, indent=2, sort_keys=True))
-        points.append(json.loads(path.read_text()))
+        point = json.loads(path.read_text())
+        if OWN_PRIOR not in point["test"]["rows"]:  # a point written before this baseline
+            point["test"]["rows"][OWN_PRIOR] = own_prior_row(
+                data, args.work / f"n{n}" / "data", point["test"]
+            )
+        points.append(point)
         result = write_curve(args, data, points)
         for row in result["curve"]:
             if row["train_studies"] == n:
