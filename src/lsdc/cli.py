@@ -450,7 +450,13 @@ def fit_cmd(
     preset: Annotated[
         str, typer.Option(help="demo | tiny | cpu | gpu: model sizes, epochs.")
     ] = "cpu",
-    models: Annotated[str, typer.Option(help="Comma-separated families.")] = "multitask,sequence",
+    models: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated families (multitask, sequence); default the preset's: "
+            "multitask for demo, both for the others."
+        ),
+    ] = "",
     work: Annotated[
         Path | None, typer.Option(help="Training caches here (default RUNS/cache).")
     ] = None,
@@ -475,7 +481,7 @@ def fit_cmd(
         data_dir,
         out,
         preset=preset,
-        models=models.split(","),
+        models=[m for m in models.split(",") if m.strip()] or None,
         overrides=overrides or [],
         work_dir=work,
         workers=workers,

@@ -35,7 +35,7 @@ class DemoConfig:
     seed: int = 0
     workers: int = 2
     preset: str = "demo"
-    models: list[str] = field(default_factory=lambda: ["multitask", "sequence"])
+    models: list[str] | None = None  # None: the preset's (`lsdc.pipeline.PRESET_MODELS`)
     # `lsdc fit` overrides (STAGE.key=value) on top of the preset
     fit: list[str] = field(default_factory=list)
 
@@ -80,11 +80,14 @@ def model_predictions(runs: Path, sub: Any) -> dict[str, tuple]:
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None, *, log=print) -> DemoReport:
     """Run the whole demo into `out_dir`; returns (and writes to demo.json) its figures."""
+    from dataclasses import replace
+
     from lsdc.evaluation import score_table
-    from lsdc.pipeline import fit, predict
+    from lsdc.pipeline import PRESET_MODELS, fit, predict
     from lsdc.synth import generate_dataset
 
     cfg = cfg or DemoConfig()
+    cfg = replace(cfg, models=list(cfg.models or PRESET_MODELS[cfg.preset]))
     out = Path(out_dir)
     data, runs, work = out / "data", out / "runs", out / "work"
     out.mkdir(parents=True, exist_ok=True)
