@@ -275,3 +275,28 @@ def test_weight_averaging_keeps_and_validates_the_average(toy_sequence_cache, tm
     mtime = (run / "fold0" / "model.safetensors").stat().st_mtime
     train_sequence(cache, run, folds=2, epochs=2, overrides=over)
     assert (run / "fold0" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_weight_averaging_copies_integer_buffers_and_averages_floats():
+    from torch.optim.swa_utils import AveragedModel
+
+    from lsdc.training.engine import _ema_callback
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+            # An index table, as the multitask model keeps its targets' order.
+            self.register_buffer("index", torch.arange(25), persistent=False)
+
+    ema = _ema_callback()
+    ema.decay = 1 - 1 / 25  # the decay of 25 steps an epoch, which once truncated 3 to 2
+    net = Net()
+    avg = AveragedModel(net, use_buffers=True, **ema._kwargs)
+    avg.update_parameters(net)
+    with torch.no_grad():
+        net.w.fill_(1.0)
+    for _ in range(5):
+        avg.update_parameters(net)
+    torch.testing.assert_close(avg.module.index, torch.arange(25))
+    torch.testing.assert_close(avg.module.w, torch.full((3,), 1 - ema.decay**5))

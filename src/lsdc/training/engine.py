@@ -285,6 +285,11 @@ def _ema_callback() -> Any:
             self.decay = 0.9
 
             def avg_fn(avg: torch.Tensor, new: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+                # Integer buffers (index tables, BatchNorm's step count) are copied, never
+                # averaged: 0.9 * 3 + 0.1 * 3 rounds to 2.99..., which the copy back into an
+                # integer tensor truncates to 2, and an index table then points elsewhere.
+                if not avg.is_floating_point():
+                    return new
                 return self.decay * avg + (1.0 - self.decay) * new
 
             super().__init__(use_buffers=True, avg_fn=avg_fn)
