@@ -15,9 +15,9 @@ the same test studies each time. Each point records, on the same held-out rows:
 
 Each point runs in its own process and writes `WORK/points/N.json`; a rerun skips the points
 already written and resumes an interrupted fit (the run folders are kept). The curve is written
-after every point: JSON to bench/results/learning_curve.json (or --out) and a PNG beside it
-(score / weighted prior against training studies, log x, one line per model, the oracle as a
-floor).
+after every point: JSON to bench/results/learning_curve.json (or --out), the same as a
+Markdown table beside it (.md) and a PNG (score / weighted prior against training studies, log
+x, one line per model, the oracle as a floor).
 
     python bench/bench_learning_curve.py                    # 1-3 hours on 2 cores
     python bench/bench_learning_curve.py --sizes 40 100     # some points
@@ -220,6 +220,58 @@ def curve_rows(points: list[dict]) -> list[dict]:
     return out
 
 
+def curve_markdown(points: list[dict]) -> str:
+    """The curve as a Markdown table: test score / weighted prior of every model, the constants
+    and the oracle; the OOF; keypoint error; fit time."""
+    from lsdc.evaluation import BASELINES
+
+    names = [n for n in points[-1]["test"]["rows"] if n not in (*BASELINES, OWN_PRIOR)]
+    head = ["training studies", *(f"{n} (x wp)" for n in names), "weighted prior of the N",
+            "class prior", "oracle", "ensemble: x class prior, gap closed",
+            "OOF ensemble (cross-fitted) / multitask / sequence",
+            "keypoint error median / p90 mm: axial, Sag T1, Sag T2", "fit wall"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for p in sorted(points, key=lambda p: p["train_studies"]):
+        rows = p["test"]["rows"]
+
+        def x(name: str, rows: dict = rows) -> str:
+            return f"{rows[name]['ratio_to_weighted_prior']:.3f}" if name in rows else "n/a"
+
+        ens = rows.get("ensemble", {})
+        gap = ens.get("gap_closed")
+        oof = p.get("oof", {})
+        oof_ens = (p.get("ensemble_oof") or {}).get("ensemble", {}).get("score")
+        kp = p.get("keypoint_error_mm") or {}
+        kps = ", ".join(
+            f"{kp[t]['median']:.1f} / {kp[t]['p90']:.1f}"
+            for t in ("Axial T2", "Sagittal T1", "Sagittal T2/STIR")
+            if t in kp
+        )
+        cells = [
+            str(p["train_studies"]),
+            *(f"**{x(n)}**" if n == "ensemble" else x(n) for n in names),
+            x(OWN_PRIOR),
+            x("class prior"),
+            x("oracle"),
+            f"{ens['score'] / rows['class prior']['score']:.3f}, "
+            + ("n/a" if gap is None else f"{gap:.0%}")
+            if ens
+            else "n/a",
+            " / ".join(
+                "n/a" if v is None else f"{v:.3f}"
+                for v in (
+                    oof_ens,
+                    oof.get("multitask", {}).get("score"),
+                    oof.get("sequence", {}).get("score"),
+                )
+            ),
+            kps or "n/a",
+            f"{p['fit_wall_seconds'] / 60:.0f} min",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curve(points: list[dict], png: Path) -> Path:
     """Score / weighted prior against training studies (log x): a line per model, the
     weighted prior at 1 and the oracle as the floor."""
@@ -279,6 +331,7 @@ def write_curve(args: argparse.Namespace, data: Path, points: list[dict]) -> dic
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    args.out.with_suffix(".md").write_text(curve_markdown(points))
     return result
 
 
