@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_multitask import _predict_fold as model_passes  # noqa: E402
 
 GROUPS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
 
@@ -112,26 +115,6 @@ def probe(labels: np.ndarray, fold: np.ndarray, feats: dict, ids: list[int]) -> 
             for (i, j), pi in zip(np.array(rows)[at_test], p, strict=True):
                 probs[i, j] = pi
     return probs
-
-
-def model_passes(run: Path, cache: Path, fold: int, ids: list[int], teacher: bool) -> dict:
-    """Fold `fold`'s model on `ids` -> combined and per-pass probabilities (n, 25, 3)."""
-    import torch
-
-    from lsdc.data.multitask import collate_multitask
-    from lsdc.inference.predictor import Predictor
-
-    pred = Predictor.from_run(run, folds=[fold], device="cpu")
-    ds = pred.family.dataset(cache, ids, pred.info)
-    ds.teacher = teacher
-    out = {"logits": [], "logits_first": [], "logits_second": []}
-    with torch.no_grad():
-        for i in range(0, len(ds), 8):
-            batch = collate_multitask([ds[j] for j in range(i, min(len(ds), i + 8))])
-            res = pred.models[0](batch)
-            for k in out:
-                out[k].append(res[k].float().softmax(-1).numpy().astype(np.float64))
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
