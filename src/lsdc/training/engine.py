@@ -161,6 +161,8 @@ def build_lit_module(
     mirror: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Any:
     """A LightningModule around `model` (created lazily so importing this module stays light)."""
+    from lsdc.data.sequence import mirror_targets
+
     L = _lightning()
 
     class LitModel(L.LightningModule):
@@ -235,8 +237,6 @@ def build_lit_module(
             out = self.model(batch)
             probs = out["logits"].float().softmax(-1)
             if mirror is not None and cfg.oof_tta_flip:
-                from lsdc.data.sequence import mirror_targets
-
                 flipped = self.model(mirror(batch))["logits"].float().softmax(-1)
                 probs = 0.5 * (probs + mirror_targets(flipped, dim=1))
             return {

@@ -154,7 +154,7 @@ def keypoint_losses(
     if "keypoints_first" in out:
         refined = out["keypoints"].float()
         terms["refine_l1"] = (
-            (refined - true).abs().sum(-1)[valid].mean() if bool(valid.any()) else refined.sum() * 0
+            (refined - true).abs().sum(-1)[valid].mean() if bool(valid.any()) else zero
         )
     ce, count = zero, 0
     for g in GROUPS:
@@ -212,10 +212,6 @@ def multitask_loss(
         "visibility": cfg.visibility_weight,
         "refine_l1": cfg.refine_weight,
     }
-    if cfg.heatmap_target not in ("cell", "bilinear"):
-        raise ValueError(
-            f"loss.heatmap_target must be 'cell' or 'bilinear', not {cfg.heatmap_target!r}"
-        )
     for name, value in keypoint_losses(out, batch, cfg.heatmap_target).items():
         total = total + weights[name] * value
         terms[name] = value.detach()
@@ -256,6 +252,10 @@ def multitask_task(
     cache_dir: str | Path, cfg: MultitaskTrainConfig, run_dir: str | Path | None = None
 ) -> TrainTask:
     """A `TrainTask` over the labelled studies of a multitask train cache."""
+    if cfg.loss.heatmap_target not in ("cell", "bilinear"):
+        raise ValueError(
+            f"loss.heatmap_target must be 'cell' or 'bilinear', not {cfg.loss.heatmap_target!r}"
+        )
     cache = StudyCache.open(cache_dir)
     if cache.pipeline != "multitask":
         raise ValueError(f"{cache_dir}: a {cache.pipeline!r} cache, not a 'multitask' cache")
