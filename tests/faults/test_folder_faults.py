@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+import pydicom
+
 from lsdc.constants import AXIAL_T2, SAGITTAL_T1
 
 
@@ -100,4 +102,73 @@ def test_study_folder_without_series(fx: ModuleType, data: Path, tmp_path: Path)
     rep = fx.run_sequence(data, tmp_path / "cache")
     assert "has no series folder" in rep.failed[study]
     assert rep.written == [s for s in fx.studies(data) if s != study]
+    fx.no_partial_files(tmp_path)
+
+
+def test_an_unlisted_series_never_replaces_the_listed_one(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    """Issue 20, bad 1: a blank copy of the Sagittal T1 under a new (lower) series id, not in the
+    table. Before, the sequence cache took it as the study's T1 (channel 0 all zeros), silently."""
+    import numpy as np
+
+    from lsdc.preprocess.cache import StudyCache
+
+    study = fx.studies(data)[0]
+    listed = fx.series_dir(data, study, SAGITTAL_T1)
+    copy = listed.parent / "1"
+    shutil.copytree(listed, copy)
+    for p in fx.dcm_files(copy):
+        ds = pydicom.dcmread(p)
+        ds.PixelData = bytes(len(ds.PixelData))
+        ds.save_as(p)
+    result = fx.index(data)
+    assert fx.problems_about(result, f"{copy}: series not in descriptions table")
+    assert result.counts["skip: series not in descriptions table"] == 1
+
+    cache = tmp_path / "cache"
+    rep = fx.run_sequence(data, cache)
+    assert rep.failed == {} and rep.written == fx.studies(data)
+    assert (
+        "series 1: not listed in the descriptions table for this study; ignored"
+        in (rep.warnings[study])
+    )
+    arrays, meta = StudyCache.open(cache).load(study)
+    assert meta["series"][SAGITTAL_T1]["series_ids"] == [int(listed.name)]
+    assert np.asarray(arrays["images"][0]).max() > 0  # the listed, not the blank, T1
+    fx.no_partial_files(tmp_path)
+
+
+def test_descriptions_that_contradict_the_images_are_not_used(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    """Issue 20, bad 2: the table swaps a study's Sagittal T1 and Axial T2. Before, lsdc used
+    them as given (subarticular points on the sagittal series) and `index` flagged nothing."""
+    import pandas as pd
+
+    study = fx.studies(data)[1]
+    t1 = int(fx.series_dir(data, study, SAGITTAL_T1).name)
+    ax = int(fx.series_dir(data, study, AXIAL_T2).name)
+    table = data / "train_series_descriptions.csv"
+    desc = pd.read_csv(table)
+    rows = desc.study_id == study
+    desc.loc[rows & (desc.series_id == t1), "series_description"] = AXIAL_T2
+    desc.loc[rows & (desc.series_id == ax), "series_description"] = SAGITTAL_T1
+    desc.to_csv(table, index=False)
+
+    result = fx.index(data)
+    sagittal_said_axial = fx.problems_about(result, f"/{t1}: series type contradicts")
+    assert sagittal_said_axial and "'Axial T2'" in sagittal_said_axial[0]
+    assert "makes it sagittal" in sagittal_said_axial[0]
+    assert fx.problems_about(result, f"/{ax}: series type contradicts")
+    assert result.counts["skip: series type contradicts its orientation"] == 2
+
+    for run in (fx.run_sequence, fx.run_multitask):
+        rep = run(data, tmp_path / run.__name__)
+        assert rep.failed == {} and study in rep.written
+        text = "\n".join(rep.warnings[study])
+        assert f"series {t1}: described as 'Axial T2' (an axial series)" in text
+        assert f"series {ax}: described as 'Sagittal T1' (a sagittal series)" in text
+        assert f"no readable {SAGITTAL_T1} series" in text
+        assert f"no readable {AXIAL_T2} series" in text
     fx.no_partial_files(tmp_path)

@@ -80,12 +80,13 @@ def write_series(
     rescale: tuple[float, float] = (1.0, 0.0),
     transfer_syntax: str | None = None,
     seed: int = 0,
+    fill: int | None = None,
 ) -> WrittenSeries:
     """Write `n` slices into root/<study_id>/<series_id>/<instance>.dcm.
 
     Slice k (spatial index along the normal) sits at origin + k*step*normal and carries instance
     number `instance_numbers[k]` (default k+1). Pixels are random, with slice k offset by 100*k
-    so that any mis-ordering shows.
+    so that any mis-ordering shows; `fill` makes every pixel that value instead (a blank series).
     """
     folder = root / str(study_id) / str(series_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,8 @@ def write_series(
     stored = np.stack(
         [rng.integers(0, 1000, shape).astype(np.uint16) + np.uint16(100 * k) for k in range(n)]
     )
+    if fill is not None:
+        stored[:] = fill
     positions = []
     for k in range(n):
         pos = np.asarray(origin) + k * step * normal

@@ -10,6 +10,7 @@ from lsdc.io.study import (
     StudyReadError,
     load_study,
     series_type_from_description,
+    study_warnings,
 )
 
 
@@ -40,24 +41,71 @@ def test_load_study_groups_series_by_type(tmp_path, dicomfx):
     descriptions = {101: SAGITTAL_T1, 102: SAGITTAL_T2, 201: AXIAL_T2, 202: AXIAL_T2}
     study = load_study(tmp_path, 42, descriptions=descriptions)
     assert study.study_id == 42 and study.errors == []
-    assert [s.series_id for s in study.series] == [101, 102, 201, 202, 301]
+    assert [s.series_id for s in study.series] == [101, 102, 201, 202]
     assert [s.series_id for s in study.of_type(AXIAL_T2)] == [201, 202]
     assert study.first_of_type(SAGITTAL_T2).series_id == 102  # the table wins over the tag
-    assert study.by_id(301).series_type is None
-    assert study.by_id(301).orientation_label == "coronal"
     assert all(s.study_id == 42 for s in study.series)
+    # The table lists the study, so its other series folder is named and never read.
+    assert list(study.ignored) == [301] and "not listed" in study.ignored[301]
+    assert "series 301: not listed in the descriptions table" in "\n".join(
+        study_warnings(study, descriptions)
+    )
 
 
-def test_missing_description_uses_dicom_tag_else_unknown(tmp_path, dicomfx):
+def test_an_unlisted_copy_never_stands_in_for_a_listed_series(tmp_path, dicomfx):
+    """Fault: a blank copy of the Sagittal T1 under a new series id (listed studies only use
+    their listed series; before, the copy, first in folder order, was the study's T1)."""
+    images = _write_study(tmp_path, dicomfx)
+    dicomfx.write_series(images.parent, study_id=42, series_id=100, description="Sagittal T1", n=3)
+    study = load_study(tmp_path, 42, descriptions={101: SAGITTAL_T1, 201: AXIAL_T2})
+    assert study.first_of_type(SAGITTAL_T1).series_id == 101
+    assert set(study.ignored) == {100, 102, 202, 301}
+
+
+def test_a_type_contradicting_the_geometry_is_not_used(tmp_path, dicomfx):
+    """Fault: the table swaps a Sagittal T1 and an Axial T2. Each series' plane comes from
+    ImageOrientationPatient; a contradicted series is named with both readings and not used."""
     _write_study(tmp_path, dicomfx)
-    study = load_study(tmp_path, 42, descriptions={201: AXIAL_T2})
+    descriptions = {101: AXIAL_T2, 102: SAGITTAL_T2, 201: SAGITTAL_T1, 202: AXIAL_T2}
+    study = load_study(tmp_path, 42, descriptions=descriptions)
+    assert [s.series_id for s in study.series] == [102, 202]
+    assert "'Axial T2' (an axial series)" in study.ignored[101]
+    assert "makes it sagittal" in study.ignored[101] and "descriptions table" in study.ignored[101]
+    assert "'Sagittal T1' (a sagittal series)" in study.ignored[201]
+    assert "makes it axial" in study.ignored[201]
+    warnings = study_warnings(study, descriptions)
+    assert "no readable Sagittal T1 series" in warnings
+    assert not any("has no folder" in w for w in warnings)  # ignored is not missing
+
+
+def test_single_slice_shared_positions_and_blank_series_are_named(tmp_path, dicomfx):
+    images = tmp_path / "train_images"
+    dicomfx.write_series(images, study_id=5, series_id=1, description="Sagittal T1", n=1)
+    dicomfx.write_series(
+        images, study_id=5, series_id=2, description="Sagittal T2/STIR", n=3, step=0.0
+    )
+    dicomfx.write_series(images, study_id=5, series_id=3, orientation=dicomfx.AXIAL, n=3, fill=0)
+    descriptions = {1: SAGITTAL_T1, 2: SAGITTAL_T2, 3: AXIAL_T2}
+    study = load_study(tmp_path, 5, descriptions=descriptions)
+    assert [s.series_id for s in study.series] == [1, 2]
+    warnings = study_warnings(study, descriptions)
+    assert "series 1: a single slice; its neighbours are repeats of it" in warnings
+    assert any(w.startswith("series 2: all 3 slices share one position") for w in warnings)
+    assert any(w.startswith("series 3: every pixel of its 3 slices is 0") for w in warnings)
+    assert "no readable Axial T2 series" in warnings
+
+
+def test_a_study_the_table_does_not_list_is_typed_from_dicom_tags_else_unknown(tmp_path, dicomfx):
+    _write_study(tmp_path, dicomfx)
+    study = load_study(tmp_path, 42, descriptions=None)
     assert study.by_id(101).series_type == SAGITTAL_T1  # from the DICOM SeriesDescription tag
     assert study.by_id(102).series_type is None  # tag names no known type
     assert study.by_id(102).description == "SAG T2 whatever"
     assert study.by_id(102).orientation_label == "sagittal"
     assert study.by_id(202).series_type is None and study.by_id(202).orientation_label == "axial"
     assert study.first_of_type(SAGITTAL_T2) is None  # a type may be missing
-    assert study.series_types[201] == AXIAL_T2
+    assert study.by_id(301).series_type is None
+    assert study.by_id(301).orientation_label == "coronal"
 
 
 def test_unreadable_series_recorded_not_fatal(tmp_path, dicomfx):

@@ -28,7 +28,7 @@ from lsdc.io.dicom import (
     read_header,
     series_files,
 )
-from lsdc.io.study import series_type_from_description
+from lsdc.io.study import plane_conflict, series_type_from_description
 from lsdc.parallel import parallel_map
 
 if TYPE_CHECKING:
@@ -127,6 +127,9 @@ def index_series(
         row.slice_thickness = layout.slice_thickness
         row.spacing_between_slices = layout.spacing_between_slices
         row.flags = ";".join(([row.flags] if row.flags else []) + layout.flags)
+        conflict = plane_conflict(row.series_type, row.orientation_label)
+        if conflict is not None:
+            problems.append(Problem(str(folder), f"{SKIP_PLANE_CONFLICT}: {conflict}; not used"))
         counts = Counter(h.instance_number for h in headers)
         dup = sorted(n for n, c in counts.items() if c > 1)
         if dup:
@@ -212,6 +215,15 @@ def build_index(
                     "tags, without labels unless train.csv has it)",
                 )
             )
+        for study_id, series_id in sorted(seen - set(descriptions)):
+            if study_id in listed_studies:
+                problems.append(
+                    Problem(
+                        str(images / str(study_id) / str(series_id)),
+                        f"{SKIP_UNLISTED_SERIES}: the study is in {table} but this series is "
+                        "not; ignored",
+                    )
+                )
         for study_id, series_id in sorted(set(descriptions) - seen):
             problems.append(
                 Problem(
@@ -248,6 +260,8 @@ def build_index(
 # Problem reasons that mean data is silently left out downstream start with one of these, so
 # the summary can count each kind (`_skip_counts`).
 SKIP_UNLISTED_STUDY = "study not in descriptions table"
+SKIP_UNLISTED_SERIES = "series not in descriptions table"
+SKIP_PLANE_CONFLICT = "series type contradicts its orientation"
 SKIP_COORD_UNKNOWN_SERIES = "coordinate on unknown series"
 SKIP_COORD_OUTSIDE = "coordinate outside the image"
 SKIP_LABELLED_NO_IMAGES = "labelled study without images"
@@ -334,6 +348,8 @@ _SKIP_KINDS = {
         and p.reason.startswith("unusable series")
     ),
     SKIP_UNLISTED_STUDY: lambda p: p.reason.startswith(SKIP_UNLISTED_STUDY),
+    SKIP_UNLISTED_SERIES: lambda p: p.reason.startswith(SKIP_UNLISTED_SERIES),
+    SKIP_PLANE_CONFLICT: lambda p: p.reason.startswith(SKIP_PLANE_CONFLICT),
     SKIP_COORD_UNKNOWN_SERIES: lambda p: p.reason.startswith(SKIP_COORD_UNKNOWN_SERIES),
     SKIP_COORD_OUTSIDE: lambda p: p.reason.startswith(SKIP_COORD_OUTSIDE),
     SKIP_LABELLED_NO_IMAGES: lambda p: p.reason.startswith(SKIP_LABELLED_NO_IMAGES),

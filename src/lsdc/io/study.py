@@ -1,10 +1,14 @@
 """A study: its series grouped by type.
 
 `load_study(data_dir, study_id)` reads `<data_dir>/<split>_images/<study_id>/<series_id>/*.dcm`.
-Series types come from the series-descriptions table (passed as a mapping); a series missing
-from it is typed from its DICOM SeriesDescription tag when that names a known type, otherwise it
-is kept with `series_type=None` and its orientation label. One unreadable series is recorded in
-`Study.errors`; it never ends the study.
+Series types come from the series-descriptions table (passed as a mapping). When the table lists
+the study, only the series it lists are read: another series folder (a copy, a localiser) is
+named in `Study.ignored` and never used. A study the table does not list at all has its series
+typed from their DICOM SeriesDescription tag when that names a known type, otherwise kept with
+`series_type=None`. The images are the truth for the plane: a series whose
+ImageOrientationPatient contradicts its type (a "Sagittal T1" that is axial) is named in
+`Study.ignored` and not used, since its contrast cannot be told from its geometry. One unreadable
+series is recorded in `Study.errors`; it never ends the study.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lsdc.constants import SERIES_TYPES
-from lsdc.io.dicom import Series, SeriesReadError, read_series
+from lsdc.io.dicom import FLAG_DUPLICATE_POSITIONS, Series, SeriesReadError, read_series
 
 
 class StudyReadError(Exception):
@@ -34,6 +40,8 @@ class Study:
     study_id: int
     series: list[Series] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # series that could not be read, with reason
+    # Series found but not used (unlisted, or a plane contradicting the type): id -> why.
+    ignored: dict[int, str] = field(default_factory=dict)
 
     def of_type(self, series_type: str) -> list[Series]:
         return [s for s in self.series if s.series_type == series_type]
@@ -57,12 +65,12 @@ class Study:
 
 def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) -> list[str]:
     """Why a study is degraded, one line each: a series folder that could not be read, a listed
-    series without folder, an unreadable file left out of a series, a series of no known type
-    (not used), a series type it lacks."""
-    from lsdc.constants import SERIES_TYPES
-
+    series without folder, a series ignored (unlisted, plane contradicting its type, blank), an
+    unreadable file left out of a series, a series of one slice or with slices sharing a
+    position, a series of no known type (not used), a series type it lacks."""
     out = [f"series {e}" for e in study.errors]
-    read = {s.series_id for s in study.series}
+    out += [f"series {k}: {why}" for k, why in sorted(study.ignored.items())]
+    read = {s.series_id for s in study.series} | set(study.ignored)
     failed = {e.split(":", 1)[0] for e in study.errors}
     for sid in sorted(descriptions or {}):
         if sid not in read and str(sid) not in failed:
@@ -70,6 +78,10 @@ def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) 
     for s in study.series:
         for path, reason in s.skipped_files:
             out.append(f"series {s.series_id}: file {Path(path).name} skipped ({reason})")
+        if s.num_slices == 1:
+            out.append(f"series {s.series_id}: a single slice; its neighbours are repeats of it")
+        elif FLAG_DUPLICATE_POSITIONS in s.flags:
+            out.append(_shared_positions(s))
         if s.series_type not in SERIES_TYPES:
             out.append(
                 f"series {s.series_id}: no known series type (not in the descriptions table, "
@@ -80,11 +92,49 @@ def study_warnings(study: Study, descriptions: Mapping[int, str] | None = None) 
     return out
 
 
+def _shared_positions(series: Series) -> str:
+    o = np.asarray(series.orientation, np.float64)
+    along = np.round(np.asarray(series.positions) @ np.cross(o[:3], o[3:]), 2)
+    distinct = len(np.unique(along))
+    if distinct == 1:
+        return (
+            f"series {series.series_id}: all {series.num_slices} slices share one position "
+            "(ImagePositionPatient); their order across the stack is unknown"
+        )
+    return (
+        f"series {series.series_id}: {series.num_slices} slices on only {distinct} positions "
+        "(ImagePositionPatient); slices at one position are kept in InstanceNumber order"
+    )
+
+
 def _squash(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
 _KNOWN_TYPES = {_squash(t): t for t in SERIES_TYPES}
+
+
+def plane_of_type(series_type: str) -> str:
+    """The plane a known series type is acquired in: "sagittal" or "axial"."""
+    return series_type.split()[0].lower()
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def plane_conflict(series_type: str | None, orientation_label: str | None) -> str | None:
+    """Why a series' type contradicts the plane its ImageOrientationPatient gives (None when
+    they agree, or when either is unknown)."""
+    if series_type not in SERIES_TYPES or orientation_label is None:
+        return None
+    expected = plane_of_type(series_type)
+    if orientation_label == expected:
+        return None
+    return (
+        f"described as {series_type!r} ({_article(expected)} {expected} series) but its ImageOrientationPatient "
+        f"makes it {orientation_label}"
+    )
 
 
 def series_type_from_description(description: str | None) -> str | None:
@@ -130,13 +180,32 @@ def load_study(
             continue
         series_id = int(sd.name)
         table_type = descriptions.get(series_id)
+        if descriptions and table_type is None:
+            # A blank copy or a localiser beside the listed series must not stand in for one.
+            study.ignored[series_id] = (
+                "not listed in the descriptions table for this study; ignored"
+            )
+            continue
         try:
             series = read_series(sd, study_id=int(study_id), series_id=series_id)
         except SeriesReadError as exc:
             study.errors.append(f"{series_id}: {exc}")
             continue
-        # The table wins; the DICOM tag only stands in for a series the table does not list.
+        # The table types a listed series; the DICOM tag only types the series of a study the
+        # table does not list.
         source = table_type if table_type is not None else series.description
-        series.series_type = series_type_from_description(source)
+        series_type = series_type_from_description(source)
+        conflict = plane_conflict(series_type, series.orientation_label)
+        if conflict is not None:
+            said = "the descriptions table" if table_type is not None else "its SeriesDescription"
+            study.ignored[series_id] = f"{conflict} ({said}); not used"
+            continue
+        if float(series.volume.min()) == float(series.volume.max()):
+            study.ignored[series_id] = (
+                f"every pixel of its {series.num_slices} slices is "
+                f"{float(series.volume.min()):g} (a blank series); not used"
+            )
+            continue
+        series.series_type = series_type
         study.series.append(series)
     return study
