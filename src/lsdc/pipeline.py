@@ -628,8 +628,9 @@ class PredictReport:
 
 def input_problems(data: Path, split: str) -> tuple[list[int], dict[int, list[str]]]:
     """(every study the split's descriptions list, study -> what its input lacks: a series
-    type not listed, a listed series whose folder is missing or holds no DICOM file)."""
+    type not listed, a listed series whose folder is missing or holds no file)."""
     from lsdc.constants import SERIES_TYPES
+    from lsdc.io.dicom import series_files
     from lsdc.io.tables import read_series_descriptions
 
     desc = read_series_descriptions(data / f"{split}_series_descriptions.csv")
@@ -642,8 +643,8 @@ def input_problems(data: Path, split: str) -> tuple[list[int], dict[int, list[st
             folder = data / f"{split}_images" / str(sid) / str(ser)
             if not folder.is_dir():
                 found.append(f"{text} series {ser}: folder {folder} missing")
-            elif not any(folder.glob("*.dcm")):
-                found.append(f"{text} series {ser}: no .dcm file in {folder}")
+            elif not series_files(folder):  # files are DICOM by content, not by name
+                found.append(f"{text} series {ser}: no file in {folder}")
     return sorted(problems), {k: v for k, v in problems.items() if v}
 
 

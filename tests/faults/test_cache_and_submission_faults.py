@@ -5,6 +5,7 @@ and column of every problem (rows rounded to 4 decimals are warnings, not errors
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +15,7 @@ import pytest
 
 from lsdc.fileio import load_npz
 from lsdc.inference.submission import build_submission, validate_submission_file
-from lsdc.preprocess.cache import CacheMismatchError
+from lsdc.preprocess.cache import CacheMismatchError, StudyCache
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "garbage"])
@@ -41,6 +42,47 @@ def test_a_damaged_cache_file_is_named_and_rebuilt(
     assert study in again.repaired and again.written == [study]
     assert sorted(again.skipped) == [s for s in first.written if s != study]
     np.testing.assert_array_equal(load_npz(path)[0]["images"], before)
+    fx.no_partial_files(tmp_path)
+
+
+@pytest.mark.parametrize("pipeline", ["sequence", "multitask"])
+def test_a_cache_follows_its_inputs(
+    fx: ModuleType,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pipeline: str,
+) -> None:
+    """Issue 20, bad 3: a reused cache (`--work`) returned stale entries, with their stale
+    warnings, after a file was repaired or the folder pointed at other data under the same ids.
+    Each entry now records its inputs' fingerprint and is built again when they change."""
+    run = fx.run_sequence if pipeline == "sequence" else fx.run_multitask
+    cache = tmp_path / "cache"
+    a, b, c = fx.studies(data)
+    broken = fx.dcm_files(fx.series_dir(data, a, "Sagittal T2/STIR"))[1]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 2])
+    first = run(data, cache)
+    assert any(broken.name in w for w in first.warnings[a])
+
+    broken.write_bytes(good)  # repaired
+    again = run(data, cache)
+    assert again.changed == [a] and again.written == [a]
+    assert sorted(again.skipped) == [b, c]
+    assert f"study {a}'s files or table rows changed" in capsys.readouterr().err
+    assert a not in again.warnings and a not in StudyCache.open(cache).warnings()
+
+    # Files of study b written again (other data copied over under the same ids: new mtimes),
+    # and one label of study c edited; study a stays cached.
+    for f in (data / "train_images" / str(b)).rglob("*.dcm"):
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    edited = pd.read_csv(data / "train.csv")
+    row, col = edited.index[edited.study_id == c][0], edited.columns[1]
+    edited.loc[row, col] = "Severe" if edited.loc[row, col] != "Severe" else "Moderate"
+    edited.to_csv(data / "train.csv", index=False)
+    third = run(data, cache)
+    assert third.changed == [b, c] and third.skipped == [a]
     fx.no_partial_files(tmp_path)
 
 

@@ -173,3 +173,33 @@ def test_other_encodings_give_the_same_cache(
     ref = load_npz(tmp_path / "clean" / f"{study}.npz")[0]["images"].astype(int)
     np.testing.assert_array_equal(got, ref)
     fx.no_partial_files(tmp_path)
+
+
+def test_series_of_one_slice_one_position_or_blank_are_named(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    """Issue 20, weak: predict was silent about a series of one slice, a series whose slices
+    share one position and an all-zero series. A blank series is not used (nothing to read)."""
+    a, b, _ = fx.studies(data)
+    one = fx.series_dir(data, a, SAGITTAL_T1)
+    for p in fx.dcm_files(one)[1:]:
+        p.unlink()
+    stacked = fx.series_dir(data, a, SAGITTAL_T2)
+    first = pydicom.dcmread(fx.dcm_files(stacked)[0]).ImagePositionPatient
+    for p in fx.dcm_files(stacked):
+        ds = pydicom.dcmread(p)
+        ds.ImagePositionPatient = first
+        ds.save_as(p)
+    blank = fx.series_dir(data, b, AXIAL_T2)
+    for p in fx.dcm_files(blank):
+        ds = pydicom.dcmread(p)
+        ds.PixelData = bytes(len(ds.PixelData))
+        ds.save_as(p)
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert rep.failed == {}
+    warned = "\n".join(rep.warnings[a])
+    assert f"series {one.name}: a single slice" in warned
+    assert f"series {stacked.name}: all " in warned and "share one position" in warned
+    n = len(fx.dcm_files(blank))
+    assert f"series {blank.name}: every pixel of its {n} slices is 0" in "\n".join(rep.warnings[b])
+    assert f"no readable {AXIAL_T2} series" in rep.warnings[b]

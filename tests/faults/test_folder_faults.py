@@ -172,3 +172,41 @@ def test_descriptions_that_contradict_the_images_are_not_used(
         assert f"no readable {SAGITTAL_T1} series" in text
         assert f"no readable {AXIAL_T2} series" in text
     fx.no_partial_files(tmp_path)
+
+
+def test_files_named_dcm_in_capitals_or_without_extension(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    """Issue 20, weak: such files were read, but predict's warnings said "no .dcm file in"."""
+    from lsdc.pipeline import input_problems
+
+    a, b, _ = fx.studies(data)
+    for p in fx.dcm_files(fx.series_dir(data, a, SAGITTAL_T1)):
+        p.rename(p.with_suffix(".DCM"))
+    for p in fx.dcm_files(fx.series_dir(data, b, AXIAL_T2)):
+        p.rename(p.with_suffix(""))
+    empty = fx.series_dir(data, b, SAGITTAL_T1)
+    shutil.rmtree(empty)
+    empty.mkdir()
+    listed, lacking = input_problems(data, "train")
+    assert listed == fx.studies(data)
+    assert lacking == {b: [f"{SAGITTAL_T1} series {empty.name}: no file in {empty}"]}
+    rep = fx.run_sequence(data, tmp_path / "cache")
+    assert rep.failed == {} and not any(SAGITTAL_T1 in w for w in rep.warnings.get(a, []))
+
+
+def test_a_study_with_images_and_points_but_not_in_train_csv(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    """Issue 20, weak: it was cached with every label -1, without a message."""
+    import pandas as pd
+
+    from lsdc.preprocess.cache import UNLABELLED
+
+    a, b, _ = fx.studies(data)
+    labels = pd.read_csv(data / "train.csv")
+    labels[labels.study_id != b].to_csv(data / "train.csv", index=False)
+    for run in (fx.run_sequence, fx.run_multitask):
+        rep = run(data, tmp_path / run.__name__)
+        assert rep.failed == {} and b in rep.written
+        assert UNLABELLED in rep.warnings[b] and UNLABELLED not in rep.warnings.get(a, [])

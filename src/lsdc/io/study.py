@@ -13,6 +13,10 @@ series is recorded in `Study.errors`; it never ends the study.
 
 from __future__ import annotations
 
+import csv
+import functools
+import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,8 +136,8 @@ def plane_conflict(series_type: str | None, orientation_label: str | None) -> st
     if orientation_label == expected:
         return None
     return (
-        f"described as {series_type!r} ({_article(expected)} {expected} series) but its ImageOrientationPatient "
-        f"makes it {orientation_label}"
+        f"described as {series_type!r} ({_article(expected)} {expected} series) but its "
+        f"ImageOrientationPatient makes it {orientation_label}"
     )
 
 
@@ -209,3 +213,54 @@ def load_study(
         series.series_type = series_type
         study.series.append(series)
     return study
+
+
+def _split_tables(split: str) -> tuple[str, ...]:
+    own = f"{split}_series_descriptions.csv"
+    return ("train.csv", "train_label_coordinates.csv", own) if split == "train" else (own,)
+
+
+@functools.lru_cache(maxsize=8)
+def _rows_by_study(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    """study id -> a hash of its rows in the CSV at `path` (keyed on size and mtime, so an
+    edited table is read again). A table without a study_id column hashes whole, under "*"."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if "study_id" not in header:
+            return {"*": hashlib.sha256(fh.read().encode()).hexdigest()}
+        col = header.index("study_id")
+        rows: dict[str, list[str]] = {}
+        for record in reader:
+            if len(record) > col:
+                rows.setdefault(record[col].strip(), []).append("\x1f".join(record))
+    return {k: hashlib.sha256("\n".join(v).encode()).hexdigest() for k, v in rows.items()}
+
+
+def input_fingerprint(data_dir: str | Path, study_id: int, split: str = "train") -> str:
+    """A hash of everything a study's cache entry is made from: each file under its folder
+    (path relative to the folder, size, mtime) and its rows in the split's tables. A repaired
+    file, a file added or removed, data swapped under the same ids, or an edited label changes
+    it. Stat, not content: bench/bench_fingerprint.py measures both against reading the study."""
+    data_dir = Path(data_dir)
+    h = hashlib.sha256()
+    folder = study_folder(data_dir, study_id, split)
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(root, name)
+            try:
+                st = path.stat()
+            except OSError:  # vanished or unreadable: the build will name it
+                continue
+            rel = path.relative_to(folder).as_posix()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for name in _split_tables(split):
+        table = data_dir / name
+        try:
+            st = table.stat()
+        except OSError:
+            continue
+        rows = _rows_by_study(str(table), st.st_size, st.st_mtime_ns)
+        h.update(f"{name}\0{rows.get(str(int(study_id)), rows.get('*', ''))}\n".encode())
+    return h.hexdigest()[:16]

@@ -10,7 +10,10 @@ Layout of a cache folder:
 A rerun with the same configuration skips finished studies, so a killed run resumes where it
 stopped; a different configuration in the same folder is refused rather than mixed. What it
 skips is verified first (zip directory and checksums): a damaged file (a disk filled up, a copy
-cut short) is named, deleted and built again, never counted as finished.
+cut short) is named, deleted and built again, never counted as finished. Each study records the
+fingerprint of its inputs (`lsdc.io.study.input_fingerprint`: its files and table rows); a study
+whose inputs changed since (a repaired file, other data under the same ids) is built again, so
+a cache folder can be reused on changed data.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lsdc.fileio import (
     check_npz,
     ensure_writable,
     load_npz,
+    load_npz_meta,
     reading,
     save_npz,
     temporaries,
@@ -44,6 +48,8 @@ ERRORS = "errors.jsonl"
 WARNINGS = "warnings.jsonl"
 
 StudyArrays = tuple[dict[str, np.ndarray], dict[str, Any]]
+# The warning of a training study with images but no row in train.csv (labels all -1).
+UNLABELLED = "not in train.csv: cached without severity labels (every target unlabelled)"
 
 
 class CacheMismatchError(RuntimeError):
@@ -62,6 +68,8 @@ class CacheRunReport:
     failed: dict[int, str] = field(default_factory=dict)
     # Cached files found damaged, deleted and built again (study id -> what was wrong).
     repaired: dict[int, str] = field(default_factory=dict)
+    # Cached studies whose inputs changed since they were built, built again.
+    changed: list[int] = field(default_factory=list)
     # Studies built, but degraded (study id -> reasons: the builder's meta["warnings"]), this run.
     warnings: dict[int, list[str]] = field(default_factory=dict)
     # Studies of the dataset the pipeline did not try (study id -> why), set by the pipeline.
@@ -72,7 +80,8 @@ class CacheRunReport:
         cache = Path(cache)
         lines = [
             f"{len(self.written)} written ({len(self.repaired)} of them replacing damaged "
-            f"files), {len(self.skipped)} already cached, "
+            f"files, {len(self.changed)} because their inputs changed), "
+            f"{len(self.skipped)} already cached, "
             f"{len(self.failed)} failed (see {cache / ERRORS})"
         ]
         if self.warnings:
@@ -181,8 +190,13 @@ class StudyCache:
         progress: bool = True,
         executor: Executor = LOCAL,
         initializer: Callable[[], object] | None = None,
+        inputs: Callable[[int], str] | None = None,
     ) -> CacheRunReport:
-        """Build and save every study not yet cached; failures are recorded and skipped.
+        """Build and save every study not yet cached, or cached from other inputs; failures are
+        recorded and skipped.
+
+        `inputs(study_id)`: the fingerprint of the study's inputs, recorded with it and compared
+        on later runs (picklable, like `build`); None caches on the study id alone.
 
         `build(study_id)` must be picklable when `workers` > 1 or on Dask (a module-level
         function or a `functools.partial` of one). Each study is written by the process that
@@ -200,16 +214,27 @@ class StudyCache:
             if self.has(sid):
                 problem = check_npz(self.path(sid))
                 if problem is None:
-                    report.skipped.append(sid)
-                    continue
-                print(f"{self.path(sid)}: damaged ({problem}); building it again", file=sys.stderr)
+                    if inputs is None or load_npz_meta(self.path(sid)).get("inputs") == inputs(sid):
+                        report.skipped.append(sid)
+                        continue
+                    print(
+                        f"{self.path(sid)}: study {sid}'s files or table rows changed since it "
+                        "was cached; building it again",
+                        file=sys.stderr,
+                    )
+                    report.changed.append(sid)
+                else:
+                    print(
+                        f"{self.path(sid)}: damaged ({problem}); building it again", file=sys.stderr
+                    )
+                    report.repaired[sid] = problem
+                # Gone before the build: if it fails now, no stale entry is left to be used.
                 self.path(sid).unlink()
-                report.repaired[sid] = problem
             todo.append(sid)
             for tmp in leftovers.get(self.path(sid).name, []):
                 tmp.unlink(missing_ok=True)
         # Absolute: a Dask worker may run elsewhere, in another working directory.
-        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build)
+        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build, inputs)
         outcomes = parallel_map(
             task, todo, workers=workers, desc=desc, progress=progress, executor=executor,
             initializer=initializer,
@@ -276,13 +301,19 @@ class _BuildAndSave:
     pipeline: str
     config: dict[str, Any]
     build: Callable[[int], StudyArrays]
+    inputs: Callable[[int], str] | None = None
 
     def __call__(self, study_id: int) -> list[str]:
+        # Taken before the build reads anything: a file changed during the build then differs
+        # from the record, and the next run builds the study again.
+        fingerprint = self.inputs(study_id) if self.inputs is not None else None
         # One native thread (BLAS, OpenMP) per study, whatever the process: the relevance
         # members' products round differently with another thread count (stored probabilities
         # 1e-6 apart), and a cache must not depend on --workers. Studies are the unit of
         # parallelism.
         with _threadpools(len(sys.modules)).limit(limits=1):
             arrays, meta = self.build(study_id)
+        if fingerprint is not None:
+            meta = {**meta, "inputs": fingerprint}
         StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)
         return [str(w) for w in meta.get("warnings", [])]

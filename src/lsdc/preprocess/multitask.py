@@ -51,8 +51,9 @@ import pandas as pd
 
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, CONDITION_SERIES, LEVELS, SERIES_TYPES, TARGETS
+from lsdc.io.study import input_fingerprint
 from lsdc.parallel import LOCAL, Executor
-from lsdc.preprocess.cache import CacheRunReport, StudyCache
+from lsdc.preprocess.cache import UNLABELLED, CacheRunReport, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
@@ -495,6 +496,8 @@ def build_study(
     from lsdc.io.study import study_warnings
 
     warnings = study_warnings(study, descriptions)
+    if split == "train" and severity is None:
+        warnings.append(UNLABELLED)
     warnings += [f"coordinate dropped: {reason}" for reason in dropped_labels]
     return arrays, {
         "study_id": int(study_id),
@@ -688,6 +691,7 @@ def preprocess_dataset(
         progress=progress,
         executor=executor,
         initializer=initializer,
+        inputs=functools.partial(input_fingerprint, data_dir, split=split),
     )
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.

@@ -23,6 +23,7 @@ split=train, `labels` (25,) int8 (0/1/2, -1 = unlabelled).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,9 @@ import numpy as np
 
 from lsdc.config import config_to_dict, load_config
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS
+from lsdc.io.study import input_fingerprint
 from lsdc.parallel import LOCAL, Executor
-from lsdc.preprocess.cache import CacheRunReport, StudyArrays, StudyCache
+from lsdc.preprocess.cache import UNLABELLED, CacheRunReport, StudyArrays, StudyCache
 from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
@@ -266,7 +268,12 @@ class _StudyBuilder:
         labels = None
         if self.labels is not None:
             labels = self.labels.get(study_id, [-1] * len(TARGETS))
-        return build_study_arrays(study, self.cfg, labels, self.descriptions.get(study_id, {}))
+        arrays, meta = build_study_arrays(
+            study, self.cfg, labels, self.descriptions.get(study_id, {})
+        )
+        if self.labels is not None and study_id not in self.labels:
+            meta["warnings"].append(UNLABELLED)
+        return arrays, meta
 
 
 def resolve_config(
@@ -338,6 +345,7 @@ def preprocess_dataset(
         desc=f"sequence {split}",
         progress=progress,
         executor=executor,
+        inputs=functools.partial(input_fingerprint, data_dir, split=split),
     )
     if study_ids is None:
         report.left_out = left_out_studies(data_dir, split, set(ids), labels)

@@ -12,6 +12,7 @@ import numpy as np
 
 from lsdc.config import config_to_dict
 from lsdc.constants import AXIAL_T2, SERIES_TYPES
+from lsdc.io.study import input_fingerprint
 from lsdc.preprocess.crops import (
     AxialRoi,
     SagittalRoiConfig,
@@ -530,4 +531,11 @@ def compute_features(
     config = {"split": split, "format": FEATURE_CACHE_FORMAT, **config_to_dict(cfg)}
     cache = StudyCache(cache_dir, FEATURE_PIPELINE, config)
     build = functools.partial(_build_study_features, data_dir=data_dir, split=split, cfg=cfg)
-    return cache.run(study_ids, build, workers=workers, desc="slice features", progress=progress)
+    return cache.run(
+        study_ids,
+        build,
+        workers=workers,
+        desc="slice features",
+        progress=progress,
+        inputs=functools.partial(input_fingerprint, data_dir, split=split),
+    )
