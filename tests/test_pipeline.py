@@ -31,6 +31,31 @@ def test_plan_puts_user_overrides_after_the_preset_and_refuses_unknown_stages():
         make_plan("demo", ["resnet"])
 
 
+def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
+    """Before, only the overrides were compared: another DATA_DIR with the same study ids
+    silently reused the old slice-relevance run and cached studies."""
+    from lsdc.pipeline import FIT_FILE, _check_plan, data_fingerprint
+
+    data = tmp_path / "data"
+    (data / "train_images" / "1").mkdir(parents=True)
+    (data / "train.csv").write_text("study_id,x\n1,a\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    plan = make_plan("tiny")
+    plan.data = data_fingerprint(data)
+    (runs / PLAN_FILE).write_text(json.dumps(plan.to_dict()))
+    (runs / FIT_FILE).write_text(json.dumps({"started": ["relevance"]}))
+    _check_plan(runs, plan)  # the same data resumes
+
+    (data / "train.csv").write_text("study_id,x\n1,b\n")
+    (data / "train_images" / "2").mkdir()
+    plan.data = data_fingerprint(data)
+    with pytest.raises(
+        ValueError, match=r"other training data \(train.csv differs; study folders: 1 then, 2 now\)"
+    ):
+        _check_plan(runs, plan)
+
+
 def test_predict_on_a_dask_scheduler_needs_a_shared_work_folder(tmp_path):
     # Its default, a temporary folder on this machine, is invisible to workers elsewhere.
     from lsdc.parallel import Executor

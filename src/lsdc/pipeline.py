@@ -212,6 +212,8 @@ class Plan:
     models: list[str]
     overrides: dict[str, list[str]]  # stage -> dotted overrides (preset, then the user's)
     ensemble_folds: int = 5
+    # What it was fitted on (`data_fingerprint`); None in plans written before it was recorded.
+    data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +222,7 @@ class Plan:
             "models": self.models,
             "overrides": self.overrides,
             "ensemble_folds": self.ensemble_folds,
+            "data": self.data,
         }
 
     @classmethod
@@ -231,6 +234,7 @@ class Plan:
             list(raw["models"]),
             dict(raw["overrides"]),
             int(raw.get("ensemble_folds", 5)),
+            raw.get("data"),
         )
 
     def fingerprint(self, stage: str) -> str:
@@ -434,8 +438,38 @@ class FitReport:
     ensemble: dict[str, Any] = field(default_factory=dict)  # EnsembleReport.to_dict()
 
 
+def data_fingerprint(data: Path) -> dict[str, Any]:
+    """What a fit's training data is, cheaply: each training table's SHA-256 and the list of
+    study folders. Files inside a study are left to the caches' own fingerprints, which rebuild
+    a study whose files changed."""
+    tables = {}
+    for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
+        path = data / name
+        if path.is_file():
+            tables[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    images = data / "train_images"
+    studies = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    return {
+        "tables": tables,
+        "studies": len(studies),
+        "study_list": hashlib.sha256("\n".join(studies).encode()).hexdigest()[:16],
+    }
+
+
+def _data_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(set(old.get("tables", {})) | set(new.get("tables", {}))):
+        a, b = old.get("tables", {}).get(name), new.get("tables", {}).get(name)
+        if a != b:
+            out.append(f"{name} {'differs' if a and b else 'added' if b else 'missing'}")
+    if old.get("study_list") != new.get("study_list"):
+        out.append(f"study folders: {old.get('studies')} then, {new.get('studies')} now")
+    return out
+
+
 def _check_plan(runs: Path, plan: Plan) -> None:
-    """A runs folder keeps one plan: refuse other settings for stages already started."""
+    """A runs folder keeps one plan and one dataset: refuse other settings for stages already
+    started, or other training data once any stage started."""
     path = runs / PLAN_FILE
     if not path.exists():
         return
@@ -451,6 +485,13 @@ def _check_plan(runs: Path, plan: Plan) -> None:
             f"{runs}: fitted with other settings for {', '.join(differ)} (see {path}); use "
             "another --out folder, or the same preset and overrides to resume"
         )
+    if started and old.data is not None and plan.data is not None:
+        changed = _data_differences(old.data, plan.data)
+        if changed:
+            raise ValueError(
+                f"{runs}: fitted on other training data ({'; '.join(changed)}; see {path}); "
+                "use another --out folder, or the same data to resume"
+            )
 
 
 def fit(
@@ -484,6 +525,7 @@ def fit(
         )
     data, runs = Path(data_dir), Path(runs_dir)
     plan = make_plan(preset, models, overrides)
+    plan.data = data_fingerprint(data)
     # False in the processes Lightning starts for a model stage on several devices.
     writer = is_global_zero()
     if writer:
