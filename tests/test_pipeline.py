@@ -51,7 +51,8 @@ def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
     (data / "train_images" / "2").mkdir()
     plan.data = data_fingerprint(data)
     with pytest.raises(
-        ValueError, match=r"other training data \(train.csv differs; study folders: 1 then, 2 now\)"
+        ValueError,
+        match=r"other training data \(train.csv differs; study folders: 1 then, 2 now; see ",
     ):
         _check_plan(runs, plan)
 
