@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS, mirror_target
+from lsdc.data.epoch import SharedEpoch
 from lsdc.preprocess.cache import StudyCache
 
 
@@ -194,10 +195,15 @@ class MultitaskDataset(Dataset):
         self.train = train
         self.seed = seed
         self.teacher = teacher
-        self.epoch = 0
+        self._epoch = SharedEpoch()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Seen by loader workers too, persistent ones included (`SharedEpoch`)."""
+        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.study_ids)

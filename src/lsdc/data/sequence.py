@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lsdc.constants import AXIAL_T2, SERIES_TYPES, TARGETS, mirror_target
+from lsdc.data.epoch import SharedEpoch
 from lsdc.preprocess.cache import StudyCache
 
 # MIRROR_INDEX[j] = index of the target that target j becomes under a left/right flip.
@@ -139,10 +140,15 @@ class SequenceDataset(Dataset):
         self.study_ids = self.cache.select(study_ids)
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch()
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Seen by loader workers too, persistent ones included (`SharedEpoch`)."""
+        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.study_ids)
