@@ -31,6 +31,20 @@ def test_plan_puts_user_overrides_after_the_preset_and_refuses_unknown_stages():
         make_plan("demo", ["resnet"])
 
 
+@pytest.mark.parametrize("preset", ["demo", "tiny", "cpu", "gpu"])
+def test_the_multitask_cache_is_built_at_the_presets_input_size(preset):
+    """Issue 19, item 3: the gpu preset's 256-px input was upsampled from 128-px crops."""
+    from lsdc.config import load_config
+    from lsdc.preprocess.multitask import MultitaskConfig
+    from lsdc.training.multitask import MultitaskTrainConfig
+
+    plan = make_plan(preset)
+    cache = load_config(MultitaskConfig, None, plan.overrides["multitask_cache"])
+    train = load_config(MultitaskTrainConfig, None, plan.overrides["multitask"])
+    inputs = [train.data.input.sagittal_size, train.data.input.axial_size]
+    assert cache.crop_size >= max(s or cache.crop_size for s in inputs)
+
+
 def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
     """Before, only the overrides were compared: another DATA_DIR with the same study ids
     silently reused the old slice-relevance run and cached studies."""

@@ -163,7 +163,10 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     # One or more GPUs on the real data (about 2,000 studies).
     "gpu": {
         "relevance": [],
-        "multitask_cache": [],
+        # Crops at the model's 256-px input (the default 128-px crops were upsampled: four
+        # times the compute, no new pixels); the second pass reads windows from copies of up
+        # to 512 px, the real sagittal slices' size.
+        "multitask_cache": ["crop_size=256", "hires_max=512"],
         "sequence_cache": ["size=128"],
         "sr": ["steps=3000", "device=cuda"],
         "multitask": [
