@@ -1,6 +1,7 @@
 """`lsdc fit` / `lsdc predict DATA --runs`: plan, resume, portability, degraded studies."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def test_fit_writes_a_portable_runs_folder_that_predicts_from_raw_dicom(fitted, 
     log = (runs / "fit.log").read_text()
     assert "GPU available" in log  # Lightning's banner went to the log...
     assert "GPU available" not in capsys.readouterr().out  # ...not to the terminal
+    # Stage and epoch lines are in the log too, with timestamps, and epochs give an ETA.
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d [\d:,]+ lsdc.fit INFO \[lsdc fit\] 1/\d+ relevance$", log, re.M
+    )
+    assert re.search(
+        r"lsdc.fit INFO   multitask fold0 epoch 1/1: .*, multitask ETA \d+ s\)$", log, re.M
+    )
     # No file of the runs folder (outside its caches) names an absolute path.
     for f in runs.rglob("*"):
         if f.suffix in (".json", ".yaml", ".csv") and "cache" not in f.relative_to(runs).parts:

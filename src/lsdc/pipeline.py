@@ -284,15 +284,21 @@ def _uses_sr(plan: Plan) -> bool:
     return cfg.model.upsample == "sr"
 
 
-def _processes(plan: Plan, stage: str) -> int:
-    """How many processes the model stage `stage` trains with (its engine settings)."""
+def _engine(plan: Plan, stage: str) -> Any:
+    """The `EngineConfig` the model stage `stage` trains with."""
     from lsdc.config import load_config
-    from lsdc.training.engine import world_size
     from lsdc.training.multitask import MultitaskTrainConfig
     from lsdc.training.sequence import SequenceTrainConfig
 
     schema = MultitaskTrainConfig if stage == "multitask" else SequenceTrainConfig
-    return world_size(load_config(schema, None, plan.overrides[stage]).engine)
+    return load_config(schema, None, plan.overrides[stage]).engine
+
+
+def _processes(plan: Plan, stage: str) -> int:
+    """How many processes the model stage `stage` trains with (its engine settings)."""
+    from lsdc.training.engine import world_size
+
+    return world_size(_engine(plan, stage))
 
 
 def stages_of(plan: Plan) -> list[str]:
@@ -374,6 +380,7 @@ def _log_to(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     names = (
+        FIT_LOGGER,
         "lightning",
         "lightning.pytorch",
         "lightning.fabric",
@@ -399,17 +406,38 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
+FIT_LOGGER = "lsdc.fit"
+
+
+def _also_to_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log`, with every line also written to fit.log with a timestamp (inside `_log_to`), so
+    a run on a cluster can be followed from its log."""
+
+    def both(line: str) -> None:
+        log(line)
+        logging.getLogger(FIT_LOGGER).info(line)
+
+    return both
+
+
 def _silent(line: str) -> None:
     """The progress view of a process other than rank 0: nothing, rank 0 shows it."""
 
 
-def _epoch_printer(name: str, log: Callable[[str], None]) -> Any:
-    """A Lightning callback printing one line per finished epoch (the progress view)."""
+def _eta(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _epoch_printer(name: str, log: Callable[[str], None], folds: Sequence[int] = ()) -> Any:
+    """A Lightning callback printing one line per finished epoch (the progress view), with the
+    stage's ETA: the mean epoch time so far times the epochs left in this fold and in the
+    `folds` after it."""
     from lightning.pytorch.callbacks import Callback
 
     class EpochLine(Callback):
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
+            self.seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             self.t0 = time.perf_counter()
@@ -421,10 +449,16 @@ def _epoch_printer(name: str, log: Callable[[str], None]) -> Any:
             parts = [
                 f"{k} {float(m[k]):.4f}" for k in ("train_loss", "val_loss", "val_score") if k in m
             ]
+            self.seconds.append(time.perf_counter() - self.t0)
+            fold = Path(trainer.default_root_dir).name
+            digits = fold.removeprefix("fold")
+            after = [k for k in folds if k > int(digits)] if digits.isdigit() else []
+            left = trainer.max_epochs - trainer.current_epoch - 1 + len(after) * trainer.max_epochs
+            eta = f", {name} ETA {_eta(left * float(np.mean(self.seconds)))}" if left else ""
             log(
-                f"  {name} {Path(trainer.default_root_dir).name} epoch "
+                f"  {name} {fold} epoch "
                 f"{trainer.current_epoch + 1}/{trainer.max_epochs}: {', '.join(parts)} "
-                f"({time.perf_counter() - self.t0:.0f} s)"
+                f"({self.seconds[-1]:.0f} s{eta})"
             )
 
     return EpochLine()
@@ -536,6 +570,7 @@ def fit(
         ensure_writable(runs)
         _check_plan(runs, plan)
         atomic_write_json(runs / PLAN_FILE, plan.to_dict())
+        log = _also_to_log(log)
     else:
         log = _silent
     work = Path(work_dir) if work_dir is not None else runs / "cache"
@@ -549,7 +584,9 @@ def fit(
         return runs / RUN_DIRS[stage]
 
     def train(stage: str) -> None:
-        cb = [_epoch_printer(stage, log)]
+        engine = _engine(plan, stage)
+        folds = engine.train_folds if engine.train_folds is not None else range(engine.folds)
+        cb = [_epoch_printer(stage, log, list(folds))]
         if stage == "multitask":
             # Relative to the run folder, so the runs folder can move.
             extra = [f"sr_run=../{RUN_DIRS['sr']}"] if "sr" in stages else []
