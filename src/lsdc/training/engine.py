@@ -10,7 +10,8 @@ run folder
   folds.csv            study-wise stratified folds
   fold<k>/checkpoints/ last.ckpt (resume) and best.ckpt (lowest val_loss), Lightning format,
                        loadable with weights_only=True
-  fold<k>/model.safetensors  the kept weights of the fold (`keep`; what `Predictor` loads)
+  fold<k>/model.safetensors  the kept weights of the fold (`keep`; what `Predictor` loads),
+                       with its SHA-256 in model.safetensors.sha256 (checked at load)
   fold<k>/history.json per-epoch train/val loss, val score, learning rate
   fold<k>/result.json  written last: the fold is complete (a rerun skips it)
   oof.csv, oof.npz     out-of-fold probabilities as a submission table / arrays
@@ -475,29 +476,17 @@ def _checkpoint_readable(path: Path) -> bool:
 
 
 def save_model_weights(model: nn.Module, path: str | Path) -> Path:
-    from safetensors.torch import save_file
+    """`model`'s weights at `path`, with their SHA-256 beside them (`lsdc.models.weights`)."""
+    from lsdc.models.weights import save_weights
 
-    from lsdc.fileio import _umask
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, str(tmp))
-        # safetensors creates 0600; run folders are meant to be shared as the umask allows.
-        tmp.chmod(0o666 & ~_umask())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_weights(model, path)
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    from lsdc.fileio import read_safetensors
+    """`model` with the weights of `path`, checked (hash, names and shapes, finiteness)."""
+    from lsdc.models.weights import load_weights
 
-    model.load_state_dict(read_safetensors(path))
-    return model
+    return load_weights(model, path)
 
 
 # --------------------------------------------------------------------------- cross-validation

@@ -1,0 +1,127 @@
+"""Weights faults (issue 20, "trust nothing on disk"): a weights file that was overwritten,
+holds NaN or belongs to another model is named in one line before any preprocessing. Most cases
+damage a copy of the session's one fitted runs folder (`fitted`)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lsdc.fileio import CorruptFileError
+
+RECORD = ".sha256"  # beside each weights file: its SHA-256 at save time, as sha256sum writes it
+
+
+def _runs_copy(fitted: Path, tmp_path: Path) -> Path:
+    return Path(
+        shutil.copytree(
+            fitted / "runs",
+            tmp_path / "runs",
+            ignore=shutil.ignore_patterns("cache", "checkpoints"),
+        )
+    )
+
+
+def _overwrite_middle(path: Path, size: int = 4096) -> None:
+    """`size` bytes of 0xff in the middle of `path`: the damage a safetensors header misses."""
+    data = bytearray(path.read_bytes())
+    assert len(data) > 4 * size, "the file must be big enough to hit tensor data"
+    mid = len(data) // 2
+    data[mid : mid + size] = b"\xff" * size
+    path.write_bytes(bytes(data))
+
+
+def _predict_error(fitted: Path, runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
+    """`lsdc predict` as a user runs it; -> its one error line, after checking that it failed
+    before preprocessing anything and printed no traceback."""
+    from lsdc.cli import main
+
+    work, out = tmp_path / "work", tmp_path / "out" / "submission.csv"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(["predict", str(fitted / "data"), "--runs", str(runs), "--out", str(out),
+              "--work", str(work)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert ended.value.code == 1, err
+    assert "Traceback" not in err
+    assert not work.exists() and not out.exists()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_overwritten_weights_fail_predict_before_preprocessing(
+    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The case that changed probabilities by up to 0.13 without a word: a valid header, 4 KB of
+    # tensor data overwritten.
+    runs = _runs_copy(fitted, tmp_path)
+    weights = runs / "multitask" / "fold1" / "model.safetensors"
+    _overwrite_middle(weights)
+    line = _predict_error(fitted, runs, tmp_path, capsys)
+    assert f"{weights}: SHA-256 differs from the one recorded at save time" in line
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_named_with_their_tensor(
+    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    runs = _runs_copy(fitted, tmp_path)
+    weights = runs / "multitask" / "fold0" / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(k for k, v in state.items() if v.is_floating_point() and k.endswith("weight"))[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = math.nan
+    save_file(state, str(weights))
+    # A correct record: only the finiteness check can catch this file.
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    weights.with_name(weights.name + RECORD).write_text(f"{digest}  {weights.name}\n")
+    line = _predict_error(fitted, runs, tmp_path, capsys)
+    assert f"{weights}: tensor {name} holds NaN or infinite values" in line
+
+
+@pytest.mark.slow
+def test_weights_of_another_model_are_named(
+    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The sequence model's weights, with their record, copied into a multitask fold: a
+    # 312-line traceback from load_state_dict before.
+    runs = _runs_copy(fitted, tmp_path)
+    fold = runs / "multitask" / "fold0"
+    for f in (runs / "sequence" / "fold0").glob("model.safetensors*"):
+        shutil.copy(f, fold / f.name)
+    line = _predict_error(fitted, runs, tmp_path, capsys)
+    assert f"{fold / 'model.safetensors'}: not weights of MultitaskModel" in line
+    assert "tensors missing" in line and "unexpected tensors" in line
+
+
+@pytest.mark.slow
+def test_weights_without_a_record_load_with_a_warning(fitted: Path, tmp_path: Path) -> None:
+    # A runs folder fitted before hashes were recorded still predicts, and says it is unchecked.
+    from lsdc.inference.predictor import Predictor
+
+    runs = _runs_copy(fitted, tmp_path)
+    weights = runs / "sequence" / "fold1" / "model.safetensors"
+    weights.with_name(weights.name + RECORD).unlink()
+    with pytest.warns(UserWarning, match=f"{weights}: no SHA-256 recorded"):
+        predictor = Predictor.from_run(runs / "sequence", device="cpu")
+    assert len(predictor.models) == 2
+
+
+def test_super_resolution_weights_are_verified(tmp_path: Path) -> None:
+    from lsdc.models.superres import SuperResolution, load_sr
+    from lsdc.training.superres import save_sr
+
+    weights = save_sr(SuperResolution(scale=2, channels=16, num_blocks=2), tmp_path)
+    assert weights.with_name(weights.name + RECORD).is_file()
+    load_sr(tmp_path)
+    _overwrite_middle(weights, 1024)
+    with pytest.raises(CorruptFileError, match=f"{weights}: SHA-256 differs"):
+        load_sr(tmp_path)
