@@ -107,8 +107,8 @@ def load_weights(model: nn.Module, path: str | Path, what: str | None = None) ->
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found")
+    state = read_safetensors(path)  # first: a file cut short is named as unreadable
     verify_weights(path)
-    state = read_safetensors(path)
     wrong = _mismatch(model, state)
     if wrong is not None:
         raise CorruptFileError(
