@@ -1,19 +1,29 @@
-"""Weights faults (issue 20, "trust nothing on disk"): a weights file that was overwritten,
-holds NaN or belongs to another model is named in one line before any preprocessing. Most cases
-damage a copy of the session's one fitted runs folder (`fitted`)."""
+"""Weights and runs-folder faults (issue 20, "trust nothing on disk"): a weights file that was
+overwritten, holds NaN or belongs to another model is named in one line before any
+preprocessing; a runs folder names no absolute path (checkpoints, fit.log, caches), so moved
+elsewhere it still predicts and resumes. Most cases damage a copy of the session's one fitted
+runs folder (`fitted`)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from lsdc.fileio import CorruptFileError
+from lsdc.inference.submission import validate_submission_file
+from lsdc.pipeline import predict
 
 RECORD = ".sha256"  # beside each weights file: its SHA-256 at save time, as sha256sum writes it
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _runs_copy(fitted: Path, tmp_path: Path) -> Path:
@@ -125,3 +135,78 @@ def test_super_resolution_weights_are_verified(tmp_path: Path) -> None:
     _overwrite_middle(weights, 1024)
     with pytest.raises(CorruptFileError, match=f"{weights}: SHA-256 differs"):
         load_sr(tmp_path)
+
+
+def _absolute_paths(folder: Path, places: list[Path]) -> list[str]:
+    """Files under `folder` whose bytes name one of `places` (as given or resolved); a
+    checkpoint is a zip of pickles that stores its strings raw, so bytes show them too."""
+    needles = {s.encode() for p in places for s in (str(p), os.path.realpath(p))}
+    return [
+        f"{path.relative_to(folder)} names {needle.decode()}"
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        for needle in needles
+        if needle in path.read_bytes()
+    ]
+
+
+@pytest.mark.slow
+def test_a_moved_runs_folder_names_no_absolute_path_and_still_predicts(
+    fitted: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Everything: caches, checkpoints, fit.log.
+    runs = Path(shutil.copytree(fitted / "runs", tmp_path / "elsewhere" / "runs"))
+    assert list(runs.rglob("last.ckpt")), "fit keeps its resume checkpoints"
+    assert _absolute_paths(runs, [fitted, tmp_path_factory.getbasetemp()]) == []
+    out = tmp_path / "out" / "submission.csv"
+    predict(fitted / "data", runs, out, log=_quiet, progress=False)
+    assert validate_submission_file(out, fitted / "data" / "test_series_descriptions.csv") == []
+
+
+@pytest.mark.slow
+def test_a_moved_runs_folder_resumes_where_it_is(
+    fx: ModuleType, fitted: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    first = Path(shutil.copytree(fitted / "runs", tmp_path / "first"))
+    fold = first / "multitask" / "fold1"
+    for name in ("result.json", "oof.npz", "model.safetensors", "model.safetensors" + RECORD):
+        (fold / name).unlink(missing_ok=True)  # as if killed after its last checkpoint
+    runs = first.rename(tmp_path / "second")
+    fx.fit_tiny(fitted / "data", runs)
+    assert not first.exists()  # nothing was written where the checkpoint was made
+    fold = runs / "multitask" / "fold1"
+    assert (fold / "result.json").exists() and (fold / "model.safetensors").exists()
+    # Lightning's resume messages in fit.log and the new checkpoints name no absolute path.
+    assert "Restoring states" in (runs / "fit.log").read_text()
+    assert _absolute_paths(runs, [fitted, tmp_path_factory.getbasetemp()]) == []
+
+
+def test_a_checkpoint_of_an_older_lsdc_resumes_its_state_after_a_move(tmp_path: Path) -> None:
+    # Lightning's own format (absolute paths): moved, its state used to be dropped with a
+    # warning naming both folders, and the best score forgotten.
+    import torch
+
+    from lsdc.training.engine import _checkpoint_callback
+
+    old, new = "/old/place/fold0/checkpoints", tmp_path / "fold0" / "checkpoints"
+    state = {
+        "monitor": "val_loss",
+        "best_model_score": torch.tensor(0.5),
+        "best_model_path": f"{old}/best.ckpt",
+        "current_score": torch.tensor(0.5),
+        "dirpath": old,
+        "best_k_models": {f"{old}/best.ckpt": torch.tensor(0.5)},
+        "kth_best_model_path": f"{old}/best.ckpt",
+        "kth_value": torch.tensor(0.5),
+        "last_model_path": f"{old}/last.ckpt",
+    }
+    callback = _checkpoint_callback(new)
+    assert callback.state_key.startswith("ModelCheckpoint{")  # where older checkpoints hold it
+    callback.load_state_dict(state)
+    here = os.path.realpath(new)
+    assert callback.best_model_score == 0.5
+    assert callback.best_model_path == f"{here}/best.ckpt"
+    assert callback.last_model_path == f"{here}/last.ckpt"
+    assert list(callback.best_k_models) == [f"{here}/best.ckpt"]
+    saved = callback.state_dict()
+    assert saved["dirpath"] == "." and saved["best_model_path"] == "best.ckpt"
