@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 
+from lsdc.constants import SAGITTAL_T1
 from lsdc.fileio import CorruptFileError
 from lsdc.inference.submission import validate_submission_file
 from lsdc.pipeline import predict
@@ -210,3 +211,23 @@ def test_a_checkpoint_of_an_older_lsdc_resumes_its_state_after_a_move(tmp_path: 
     assert list(callback.best_k_models) == [f"{here}/best.ckpt"]
     saved = callback.state_dict()
     assert saved["dirpath"] == "." and saved["best_model_path"] == "best.ckpt"
+
+
+def test_cache_records_name_data_files_relative_to_the_data_folder(
+    fx: ModuleType, data: Path, tmp_path: Path
+) -> None:
+    # A training cache lives in the runs folder: its errors, warnings and study metas named the
+    # absolute paths of unreadable series.
+    first, second = fx.studies(data)[:2]
+    t1 = fx.series_dir(data, first, SAGITTAL_T1)
+    for f in fx.dcm_files(t1):  # one series unreadable: the study is cached degraded
+        f.write_bytes(b"not a dicom")
+    for f in (data / "train_images" / str(second)).rglob("*.dcm"):  # none readable: failed
+        f.write_bytes(b"not a dicom")
+    seq, mt = fx.run_sequence(data, tmp_path / "seq"), fx.run_multitask(data, tmp_path / "mt")
+    for rep in (seq, mt):
+        named = f"series {t1.name}: train_images/{first}/{t1.name}: no readable slice"
+        assert named in " ".join(rep.warnings[first])
+        assert f": train_images/{second}/" in rep.failed[second]
+    assert _absolute_paths(tmp_path / "seq", [data]) == []
+    assert _absolute_paths(tmp_path / "mt", [data]) == []

@@ -7,6 +7,10 @@ Layout of a cache folder:
   warnings.jsonl  one line per cached study that was built degraded (a series unreadable or
                   missing, a coordinate dropped), with every reason; kept across reruns
 
+Those records and each study's meta name the files of the data folder relative to it
+("train_images/<study>/<series>: ..."), so a cache names no absolute path and moves with the
+runs folder that holds it.
+
 A rerun with the same configuration skips finished studies, so a killed run resumes where it
 stopped; a different configuration in the same folder is refused rather than mixed. What it
 skips is verified first (zip directory and checksums): a damaged file (a disk filled up, a copy
@@ -33,6 +37,7 @@ from lsdc.fileio import (
     check_npz,
     ensure_writable,
     load_npz,
+    portable_text,
     reading,
     save_npz,
     temporaries,
@@ -181,8 +186,11 @@ class StudyCache:
         progress: bool = True,
         executor: Executor = LOCAL,
         initializer: Callable[[], object] | None = None,
+        source: str | Path | None = None,
     ) -> CacheRunReport:
         """Build and save every study not yet cached; failures are recorded and skipped.
+        `source`: the data folder the studies are read from, named relative in what is
+        recorded (see the module docstring).
 
         `build(study_id)` must be picklable when `workers` > 1 or on Dask (a module-level
         function or a `functools.partial` of one). Each study is written by the process that
@@ -209,7 +217,8 @@ class StudyCache:
             for tmp in leftovers.get(self.path(sid).name, []):
                 tmp.unlink(missing_ok=True)
         # Absolute: a Dask worker may run elsewhere, in another working directory.
-        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build)
+        places = {} if source is None else {Path(source).resolve(): "."}
+        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build, places)
         outcomes = parallel_map(
             task, todo, workers=workers, desc=desc, progress=progress, executor=executor,
             initializer=initializer,
@@ -220,7 +229,7 @@ class StudyCache:
                 if out.result:
                     report.warnings[out.item] = list(out.result)
             else:
-                report.failed[out.item] = out.error or "unknown error"
+                report.failed[out.item] = portable_text(out.error or "unknown error", places)
         lines = [json.dumps({"study_id": k, "error": v}) for k, v in sorted(report.failed.items())]
         atomic_write_text(self.root / ERRORS, "".join(line + "\n" for line in lines))
         self._write_warnings(report)
@@ -267,6 +276,15 @@ def _threadpools(modules_loaded: int) -> Any:
     return ThreadpoolController()
 
 
+def _portable_strings(tree: Any, places: dict[Path, str]) -> Any:
+    """`tree` (JSON-like) with `portable_text` applied to every string in it."""
+    if isinstance(tree, dict):
+        return {k: _portable_strings(v, places) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_portable_strings(v, places) for v in tree]
+    return portable_text(tree, places) if isinstance(tree, str) else tree
+
+
 @dataclass
 class _BuildAndSave:
     """Picklable worker: builds one study and writes it from the worker process, so big arrays
@@ -276,6 +294,7 @@ class _BuildAndSave:
     pipeline: str
     config: dict[str, Any]
     build: Callable[[int], StudyArrays]
+    places: dict[Path, str] = field(default_factory=dict)  # for `portable_text`
 
     def __call__(self, study_id: int) -> list[str]:
         # One native thread (BLAS, OpenMP) per study, whatever the process: the relevance
@@ -284,5 +303,7 @@ class _BuildAndSave:
         # parallelism.
         with _threadpools(len(sys.modules)).limit(limits=1):
             arrays, meta = self.build(study_id)
+        if self.places:  # the meta's messages (warnings, series errors) name data files
+            meta = _portable_strings(meta, self.places)
         StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)
         return [str(w) for w in meta.get("warnings", [])]

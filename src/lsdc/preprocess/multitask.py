@@ -688,6 +688,7 @@ def preprocess_dataset(
         progress=progress,
         executor=executor,
         initializer=initializer,
+        source=data_dir,
     )
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.

@@ -338,6 +338,7 @@ def preprocess_dataset(
         desc=f"sequence {split}",
         progress=progress,
         executor=executor,
+        source=data_dir,
     )
     if study_ids is None:
         report.left_out = left_out_studies(data_dir, split, set(ids), labels)

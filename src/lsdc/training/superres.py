@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lsdc.config import load_config, save_config
-from lsdc.fileio import atomic_write_json
+from lsdc.fileio import atomic_write_json, portable_text
 from lsdc.models.superres import SR_JSON, SR_WEIGHTS, SuperResolution
 
 T = TypeVar("T")
@@ -450,14 +450,19 @@ def train_sr(
         images_val=metrics.images,
         seconds=time.perf_counter() - start,
     )
+    # Relative, as every path of a run folder: it can move with the cache.
+    cache_rel = os.path.relpath(Path(cache_dir).resolve(), run_dir.resolve())
     atomic_write_json(
         run_dir / REPORT_FILE,
         {
             **{k: v for k, v in asdict(report).items() if k != "run_dir"},
-            "cache_dir": os.path.relpath(Path(cache_dir).resolve(), run_dir.resolve()),
+            "cache_dir": cache_rel,
             "studies_train": train_ids,
             "studies_val": val_ids,
-            "studies_unreadable": {str(k): v for k, v in unreadable.items()},
+            "studies_unreadable": {
+                str(k): portable_text(v, {Path(cache_dir): cache_rel})
+                for k, v in unreadable.items()
+            },
             "loss_every_50_steps": history,
         },
     )

@@ -530,4 +530,11 @@ def compute_features(
     config = {"split": split, "format": FEATURE_CACHE_FORMAT, **config_to_dict(cfg)}
     cache = StudyCache(cache_dir, FEATURE_PIPELINE, config)
     build = functools.partial(_build_study_features, data_dir=data_dir, split=split, cfg=cfg)
-    return cache.run(study_ids, build, workers=workers, desc="slice features", progress=progress)
+    return cache.run(
+        study_ids,
+        build,
+        workers=workers,
+        desc="slice features",
+        progress=progress,
+        source=data_dir,
+    )
