@@ -7,8 +7,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,33 @@ def ensure_writable(folder: str | Path) -> Path:
     except OSError as exc:
         raise PermissionError(f"{folder}: cannot write here ({exc.strerror or exc})") from exc
     return folder
+
+
+def portable_text(text: str, places: Mapping[str | Path, str | Path]) -> str:
+    """`text` with each folder of `places`, where it appears as an absolute path (as given or
+    resolved), written as its value, a relative path: {"/abs/runs": "."} turns
+    "/abs/runs/fold0/x" into "fold0/x" and {"/abs/data": "../data"} "/abs/data/a" into
+    "../data/a". So a file that names those places (a log, an error record) can move with them,
+    and a runs folder names no place outside itself."""
+    subs: dict[str, str] = {}
+    for place, rel in places.items():
+        for form in (os.path.abspath(place), os.path.realpath(place)):
+            if form != os.sep:
+                subs.setdefault(form, Path(rel).as_posix())
+    if not subs:
+        return text
+    # Longest first, so that a place inside another is written as itself; a match must end
+    # the path or a component of it ("/abs/data2" is not under "/abs/data").
+    forms = "|".join(re.escape(f) for f in sorted(subs, key=len, reverse=True))
+    pattern = re.compile(rf"({forms})(?:(/)|(?![\w.-]))")
+
+    def relative(m: re.Match[str]) -> str:
+        rel = subs[m.group(1)]
+        if m.group(2) is None:
+            return rel
+        return "" if rel == "." else f"{rel}/"
+
+    return pattern.sub(relative, text)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -40,7 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from lsdc.fileio import atomic_write_json, atomic_write_text, ensure_writable, load_npz_meta
+from lsdc.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable,
+    load_npz_meta,
+    portable_text,
+)
 from lsdc.parallel import LOCAL, Executor
 
 PLAN_FILE = "plan.json"
@@ -372,13 +378,34 @@ def build_cache(
 # --------------------------------------------------------------------------- quiet Lightning
 
 
+class _PortableFormatter(logging.Formatter):
+    """Log lines with the absolute paths of `places` written relative (`portable_text`), and
+    those of the Python libraries as module paths ("lightning/pytorch/..."), so that a log in
+    the runs folder names no absolute path either."""
+
+    def __init__(self, places: dict[Path, str]) -> None:
+        super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
+        import sys
+
+        self.places = dict(places)
+        # A warning names its source file. The longest path matches first, so a runs folder
+        # inside a library folder is still written as itself.
+        for p in sys.path:
+            if os.path.isabs(p) and os.path.isdir(p):
+                self.places.setdefault(Path(p), ".")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return portable_text(super().format(record), self.places)
+
+
 @contextlib.contextmanager
-def _log_to(path: Path) -> Iterator[None]:
-    """Lightning's banners, tips and every Python warning go to `path`, not the terminal."""
+def _log_to(path: Path, places: dict[Path, str] | None = None) -> Iterator[None]:
+    """Lightning's banners, tips and every Python warning go to `path`, not the terminal;
+    `places` (folder -> relative path) as in `_PortableFormatter`."""
     import lightning.pytorch  # noqa: F401 - on import it adds its own terminal handler
 
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(_PortableFormatter(places or {}))
     names = (
         FIT_LOGGER,
         "lightning",
@@ -667,7 +694,10 @@ def fit(
         "sequence": lambda: train("sequence"),
         "ensemble": ensemble,
     }
-    with _log_to(runs / LOG_FILE):
+    # fit.log is in the runs folder: the places Lightning's messages name are written relative
+    # to it (Lightning logs the resume checkpoint's path).
+    places = {p: os.path.relpath(os.path.realpath(p), os.path.realpath(runs)) for p in (data, work)}
+    with _log_to(runs / LOG_FILE, {**places, runs: "."}):
         for i, stage in enumerate(stages, 1):
             if not writer:
                 # Rank 0 did every earlier stage before it started this process.

@@ -43,6 +43,31 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+# The fitted runs folder of the run and weights faults: `--preset tiny`, one epoch a model.
+TINY_FIT = ["multitask.engine.epochs=1", "sequence.engine.epochs=1"]
+
+
+def fit_tiny(data: Path, runs: Path) -> list[str]:
+    """`lsdc fit --preset tiny` of `data` into `runs` (resuming what is there) -> its lines."""
+    from lsdc.pipeline import fit
+
+    lines: list[str] = []
+    fit(data, runs, preset="tiny", overrides=TINY_FIT, log=lines.append, progress=False)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with `data` (10 train + 3 test phantom studies) and `runs`, fitted on it once
+    per session (fitting is the expensive part); tests copy `runs` before damaging it."""
+    root = tmp_path_factory.mktemp("faults_runs")
+    generate_dataset(
+        root / "data", train_studies=10, test_studies=3, size=64, seed=3, progress=False
+    )
+    fit_tiny(root / "data", root / "runs")
+    return root
+
+
 @pytest.fixture
 def data(phantom: Path, tmp_path: Path) -> Path:
     """A private copy of the phantom, free to damage."""

@@ -1,7 +1,7 @@
-"""Run-folder, checkpoint and prediction faults on one tiny fitted runs folder (fitted once per
-module): `lsdc predict` always writes a complete, valid submission with a warnings file naming
-each degraded study; a damaged runs folder is named before any preprocessing; a damaged resume
-checkpoint is named and its fold trained again."""
+"""Run-folder, checkpoint and prediction faults on one tiny fitted runs folder (`fitted`, fitted
+once per session in conftest.py): `lsdc predict` always writes a complete, valid submission with
+a warnings file naming each degraded study; a damaged runs folder is named before any
+preprocessing; a damaged resume checkpoint is named and its fold trained again."""
 
 from __future__ import annotations
 
@@ -17,31 +17,6 @@ from lsdc.constants import SAGITTAL_T1, SAGITTAL_T2
 from lsdc.fileio import CorruptFileError
 from lsdc.inference.submission import validate_submission_file
 from lsdc.pipeline import predict
-
-TINY = [
-    "multitask.engine.epochs=1",
-    "sequence.engine.epochs=1",
-]
-
-
-def _fit(data: Path, runs: Path) -> list[str]:
-    from lsdc.pipeline import fit
-
-    lines: list[str] = []
-    fit(data, runs, preset="tiny", overrides=TINY, log=lines.append, progress=False)
-    return lines
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lsdc.synth import generate_dataset
-
-    root = tmp_path_factory.mktemp("faults_runs")
-    generate_dataset(
-        root / "data", train_studies=10, test_studies=3, size=64, seed=3, progress=False
-    )
-    _fit(root / "data", root / "runs")
-    return root
 
 
 def _runs_copy(fitted: Path, tmp_path: Path) -> Path:
@@ -122,7 +97,7 @@ def test_a_damaged_runs_folder_is_named_before_any_work(
 
 @pytest.mark.slow
 def test_a_damaged_resume_checkpoint_is_named_and_its_fold_retrained(
-    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fx: ModuleType, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runs = Path(shutil.copytree(fitted / "runs", tmp_path / "runs"))
     fold = runs / "sequence" / "fold1"
@@ -136,7 +111,7 @@ def test_a_damaged_resume_checkpoint_is_named_and_its_fold_retrained(
     first = sorted((data / "train_images").iterdir())[0]
     shutil.copytree(first, data / "train_images" / "555")
     capsys.readouterr()
-    lines = _fit(data, runs)
+    lines = fx.fit_tiny(data, runs)
     assert f"{last}: damaged checkpoint" in capsys.readouterr().err
     left = [x for x in lines if "studies left out (sequence_cache)" in x]
     assert left and "555 (has images but is not in train_series_descriptions.csv)" in left[0]

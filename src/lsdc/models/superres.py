@@ -8,7 +8,7 @@ only move it away from that baseline where the data says so. The model is linear
 (no clamp): `upsample` clamps to [0, 1] for use on images.
 
 Weights are trained self-supervised on the multitask cache (`lsdc.training.superres`) and load
-from safetensors only (`load_sr`).
+from safetensors only, checked against their recorded SHA-256 (`load_sr`).
 """
 
 from __future__ import annotations
@@ -178,8 +178,7 @@ def load_sr(path: str | Path, kwargs: Mapping[str, Any] | None = None) -> SuperR
     `.safetensors` file whose constructor arguments come from `kwargs` when given, else from a
     `sr.json` next to it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from lsdc.models.weights import load_weights
 
     path = Path(path)
     if not path.exists():
@@ -203,14 +202,5 @@ def load_sr(path: str | Path, kwargs: Mapping[str, Any] | None = None) -> SuperR
         model = SuperResolution(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: bad SuperResolution arguments {dict(kwargs)}: {exc}") from exc
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as exc:
-        raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{weights}: weights do not fit SuperResolution({dict(kwargs)}) from {source}: {exc}"
-        ) from exc
+    load_weights(model, weights, what=f"SuperResolution({dict(kwargs)}) from {source}")
     return model.eval()

@@ -7,6 +7,10 @@ Layout of a cache folder:
   warnings.jsonl  one line per cached study that was built degraded (a series unreadable or
                   missing, a coordinate dropped), with every reason; kept across reruns
 
+Those records and each study's meta name the files of the data folder relative to it
+("train_images/<study>/<series>: ..."), so a cache names no absolute path and moves with the
+runs folder that holds it.
+
 A rerun with the same configuration skips finished studies, so a killed run resumes where it
 stopped; a different configuration in the same folder is refused rather than mixed. What it
 skips is verified first (zip directory and checksums): a damaged file (a disk filled up, a copy
@@ -37,6 +41,7 @@ from lsdc.fileio import (
     ensure_writable,
     load_npz,
     load_npz_meta,
+    portable_text,
     reading,
     save_npz,
     temporaries,
@@ -191,12 +196,15 @@ class StudyCache:
         executor: Executor = LOCAL,
         initializer: Callable[[], object] | None = None,
         inputs: Callable[[int], str] | None = None,
+        source: str | Path | None = None,
     ) -> CacheRunReport:
         """Build and save every study not yet cached, or cached from other inputs; failures are
         recorded and skipped.
 
         `inputs(study_id)`: the fingerprint of the study's inputs, recorded with it and compared
-        on later runs (picklable, like `build`); None caches on the study id alone.
+        on later runs (picklable, like `build`); None caches on the study id alone. `source`:
+        the data folder the studies are read from, named relative in what is recorded (see the
+        module docstring).
 
         `build(study_id)` must be picklable when `workers` > 1 or on Dask (a module-level
         function or a `functools.partial` of one). Each study is written by the process that
@@ -234,7 +242,8 @@ class StudyCache:
             for tmp in leftovers.get(self.path(sid).name, []):
                 tmp.unlink(missing_ok=True)
         # Absolute: a Dask worker may run elsewhere, in another working directory.
-        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build, inputs)
+        places = {} if source is None else {Path(source).resolve(): "."}
+        task = _BuildAndSave(self.root.resolve(), self.pipeline, self.config, build, inputs, places)
         outcomes = parallel_map(
             task, todo, workers=workers, desc=desc, progress=progress, executor=executor,
             initializer=initializer,
@@ -245,7 +254,7 @@ class StudyCache:
                 if out.result:
                     report.warnings[out.item] = list(out.result)
             else:
-                report.failed[out.item] = out.error or "unknown error"
+                report.failed[out.item] = portable_text(out.error or "unknown error", places)
         lines = [json.dumps({"study_id": k, "error": v}) for k, v in sorted(report.failed.items())]
         atomic_write_text(self.root / ERRORS, "".join(line + "\n" for line in lines))
         self._write_warnings(report)
@@ -292,6 +301,15 @@ def _threadpools(modules_loaded: int) -> Any:
     return ThreadpoolController()
 
 
+def _portable_strings(tree: Any, places: dict[Path, str]) -> Any:
+    """`tree` (JSON-like) with `portable_text` applied to every string in it."""
+    if isinstance(tree, dict):
+        return {k: _portable_strings(v, places) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_portable_strings(v, places) for v in tree]
+    return portable_text(tree, places) if isinstance(tree, str) else tree
+
+
 @dataclass
 class _BuildAndSave:
     """Picklable worker: builds one study and writes it from the worker process, so big arrays
@@ -302,6 +320,7 @@ class _BuildAndSave:
     config: dict[str, Any]
     build: Callable[[int], StudyArrays]
     inputs: Callable[[int], str] | None = None
+    places: dict[Path, str] = field(default_factory=dict)  # for `portable_text`
 
     def __call__(self, study_id: int) -> list[str]:
         # Taken before the build reads anything: a file changed during the build then differs
@@ -315,5 +334,7 @@ class _BuildAndSave:
             arrays, meta = self.build(study_id)
         if fingerprint is not None:
             meta = {**meta, "inputs": fingerprint}
+        if self.places:  # the meta's messages (warnings, series errors) name data files
+            meta = _portable_strings(meta, self.places)
         StudyCache(self.root, self.pipeline, self.config).save(study_id, arrays, meta)
         return [str(w) for w in meta.get("warnings", [])]

@@ -692,6 +692,7 @@ def preprocess_dataset(
         executor=executor,
         initializer=initializer,
         inputs=functools.partial(input_fingerprint, data_dir, split=split),
+        source=data_dir,
     )
     if study_ids is None and split == "train":
         # Studies on disk are all tried; a labelled study without images or listing is not.

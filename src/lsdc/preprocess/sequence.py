@@ -346,6 +346,7 @@ def preprocess_dataset(
         progress=progress,
         executor=executor,
         inputs=functools.partial(input_fingerprint, data_dir, split=split),
+        source=data_dir,
     )
     if study_ids is None:
         report.left_out = left_out_studies(data_dir, split, set(ids), labels)

@@ -10,7 +10,8 @@ run folder
   folds.csv            study-wise stratified folds
   fold<k>/checkpoints/ last.ckpt (resume) and best.ckpt (lowest val_loss), Lightning format,
                        loadable with weights_only=True
-  fold<k>/model.safetensors  the kept weights of the fold (`keep`; what `Predictor` loads)
+  fold<k>/model.safetensors  the kept weights of the fold (`keep`; what `Predictor` loads),
+                       with its SHA-256 in model.safetensors.sha256 (checked at load)
   fold<k>/history.json per-epoch train/val loss, val score, learning rate
   fold<k>/result.json  written last: the fold is complete (a rerun skips it)
   oof.csv, oof.npz     out-of-fold probabilities as a submission table / arrays
@@ -297,6 +298,60 @@ def _ema_callback() -> Any:
     return EMA()
 
 
+# The ModelCheckpoint state entries that name its files.
+_CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def _rebase_checkpoint_state(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """A ModelCheckpoint state whose file paths, under its folder `old`, are written under `new`
+    instead (either may be "."): relative in the checkpoints, absolute again in memory."""
+
+    def move(path: str) -> str:
+        if not path:  # "" = no such file yet
+            return path
+        return os.path.normpath(os.path.join(new, os.path.relpath(os.path.join(old, path), old)))
+
+    out = {**state, "dirpath": new}
+    out.update({k: move(state[k]) for k in _CHECKPOINT_PATHS if state.get(k) is not None})
+    if state.get("best_k_models") is not None:
+        out["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+    return out
+
+
+def _checkpoint_callback(ckpt_dir: Path) -> Any:
+    """Lightning's ModelCheckpoint (best by val_loss, and last), whose state in the checkpoints
+    names its files relative to its folder. Lightning stores them absolute: the runs folder
+    then named the place it was made in, and once moved, a resume dropped the callback's state
+    (it does when the stored folder differs) and logged both absolute paths."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PortableCheckpoint(ModelCheckpoint):
+        @property
+        def state_key(self) -> str:
+            # Lightning files a callback's state under its class name: ModelCheckpoint's, so
+            # that checkpoints written before this class still resume with their state.
+            return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__name__)
+
+        def state_dict(self) -> dict[str, Any]:
+            return _rebase_checkpoint_state(super().state_dict(), self.dirpath, ".")
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            # A checkpoint written before this class stores its folder absolute: its files are
+            # moved from there, as a relative one's from ".".
+            old = state_dict.get("dirpath") or "."
+            super().load_state_dict(_rebase_checkpoint_state(state_dict, old, self.dirpath))
+
+    return PortableCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+
+
 def _history_callback(path: Path) -> Any:
     """Writes fold history (one entry per epoch, replaced on resume) and epoch wall times."""
     L = _lightning()
@@ -475,29 +530,17 @@ def _checkpoint_readable(path: Path) -> bool:
 
 
 def save_model_weights(model: nn.Module, path: str | Path) -> Path:
-    from safetensors.torch import save_file
+    """`model`'s weights at `path`, with their SHA-256 beside them (`lsdc.models.weights`)."""
+    from lsdc.models.weights import save_weights
 
-    from lsdc.fileio import _umask
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, str(tmp))
-        # safetensors creates 0600; run folders are meant to be shared as the umask allows.
-        tmp.chmod(0o666 & ~_umask())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return save_weights(model, path)
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    from lsdc.fileio import read_safetensors
+    """`model` with the weights of `path`, checked (hash, names and shapes, finiteness)."""
+    from lsdc.models.weights import load_weights
 
-    model.load_state_dict(read_safetensors(path))
-    return model
+    return load_weights(model, path)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -589,8 +632,6 @@ def _train_fold(
     """Train (or resume) one fold; returns (val study ids, val probs (n, 25, 3), mean epoch s,
     the task's `oof_outputs` of the val studies)."""
     L = _lightning()
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lsdc.models.registry import build_model
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -603,15 +644,7 @@ def _train_fold(
         task.init_model(model, task.labels[[row[int(s)] for s in train_ids]])
     lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs, task.mirror_batch)
     accel, precision = resolve_precision(cfg)
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best",
-        monitor="val_loss",
-        mode="min",
-        save_top_k=1,
-        save_last=True,
-        enable_version_counter=False,
-    )
+    checkpoint = _checkpoint_callback(ckpt_dir)
     history = _history_callback(fold_dir / "history.json")
     ema = _ema_callback() if cfg.ema_epochs > 0 else None
     trainer = L.Trainer(

@@ -10,7 +10,7 @@ network against plain bicubic upsampling of the same LR images.
 Run folder:
   config.yaml        the resolved `SRTrainConfig`
   sr.json            SuperResolution keyword arguments (what `load_sr` rebuilds)
-  model.safetensors  the trained weights
+  model.safetensors  the trained weights (their SHA-256 in model.safetensors.sha256)
   report.json        PSNR/SSIM of SR and bicubic, image and study counts, seconds, history
   examples.png       held-out images: LR, bicubic, SR, HR side by side
 """
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lsdc.config import load_config, save_config
-from lsdc.fileio import atomic_write_bytes, atomic_write_json
+from lsdc.fileio import atomic_write_json, portable_text
 from lsdc.models.superres import SR_JSON, SR_WEIGHTS, SuperResolution
 
 T = TypeVar("T")
@@ -364,13 +364,13 @@ def plot_examples(
 
 
 def save_sr(model: SuperResolution, run_dir: str | Path) -> Path:
-    """Write `sr.json` and `model.safetensors` (atomically) into `run_dir`; -> the weights."""
-    from safetensors.torch import save
+    """Write `sr.json` and `model.safetensors` (atomically, with its SHA-256) into `run_dir`;
+    -> the weights."""
+    from lsdc.models.weights import save_weights
 
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / SR_JSON, model.kwargs)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write_bytes(run_dir / SR_WEIGHTS, save(state))
+    return save_weights(model, run_dir / SR_WEIGHTS)
 
 
 # --------------------------------------------------------------------------- the command
@@ -450,14 +450,19 @@ def train_sr(
         images_val=metrics.images,
         seconds=time.perf_counter() - start,
     )
+    # Relative, as every path of a run folder: it can move with the cache.
+    cache_rel = os.path.relpath(Path(cache_dir).resolve(), run_dir.resolve())
     atomic_write_json(
         run_dir / REPORT_FILE,
         {
             **{k: v for k, v in asdict(report).items() if k != "run_dir"},
-            "cache_dir": os.path.relpath(Path(cache_dir).resolve(), run_dir.resolve()),
+            "cache_dir": cache_rel,
             "studies_train": train_ids,
             "studies_val": val_ids,
-            "studies_unreadable": {str(k): v for k, v in unreadable.items()},
+            "studies_unreadable": {
+                str(k): portable_text(v, {Path(cache_dir): cache_rel})
+                for k, v in unreadable.items()
+            },
             "loss_every_50_steps": history,
         },
     )

@@ -538,4 +538,5 @@ def compute_features(
         desc="slice features",
         progress=progress,
         inputs=functools.partial(input_fingerprint, data_dir, split=split),
+        source=data_dir,
     )
