@@ -383,9 +383,16 @@ def predict_cmd(
     work: Annotated[
         Path | None, typer.Option(help="Keep the test caches here (default: a temporary folder).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(help="Parallel preprocessing processes, and loader processes for the models."),
+    ] = 1,
     executor: ExecutorOption = "local",
     scheduler: SchedulerOption = None,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present, with autocast), cpu, cuda or cuda:N.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Studies per model batch.")] = 8,
     series_descriptions: Annotated[
         Path | None,
         typer.Option(help="Expert form: studies that must appear (missing: the class prior)."),
@@ -409,6 +416,8 @@ def predict_cmd(
             workers=workers,
             executor=where,
             tta_flip=tta_flip,
+            device=device,
+            batch_size=batch_size,
             log=typer.echo,
         )
         typer.echo(
@@ -420,7 +429,7 @@ def predict_cmd(
             typer.echo(f"{len(rep.warnings)} warnings -> {rep.warnings_path}", err=True)
         if rep.prior_only:
             typer.echo(
-                f"{len(rep.prior_only)} studies got the class prior: "
+                f"{len(rep.prior_only)} studies got the weighted prior: "
                 + ", ".join(map(str, rep.prior_only[:10])),
                 err=True,
             )
@@ -430,7 +439,13 @@ def predict_cmd(
     from lsdc.inference.predictor import predict_submission
 
     report = predict_submission(
-        source, cache_dir, out, series_descriptions=series_descriptions, tta_flip=tta_flip
+        source,
+        cache_dir,
+        out,
+        series_descriptions=series_descriptions,
+        tta_flip=tta_flip,
+        device=device,
+        batch_size=batch_size,
     )
     typer.echo(f"{report.predicted} studies predicted -> {report.path}")
     if report.coordinates is not None:

@@ -770,6 +770,7 @@ def predict(
     workers: int = 1,
     tta_flip: bool = True,
     device: str = "auto",
+    batch_size: int = 8,
     log: Callable[[str], None] = print,
     progress: bool = True,
     executor: Executor = LOCAL,
@@ -780,7 +781,9 @@ def predict(
     that could see it, else the weighted prior. Each study a model could not see is written, with
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
-    Dask cluster `work_dir` must be a folder every worker sees at the same path."""
+    Dask cluster `work_dir` must be a folder every worker sees at the same path. The models
+    run on `device` ("auto": CUDA when present, with autocast) in batches of `batch_size`,
+    fed by `workers` loader processes when `workers` > 1."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -853,7 +856,9 @@ def predict(
             p = np.full((len(listed), 25, 3), np.nan)
             seen = np.zeros(len(listed), bool)
             if cached:
-                preds = predictor.predict_cache(cache, cached)
+                preds = predictor.predict_cache(
+                    cache, cached, batch_size=batch_size, num_workers=workers if workers > 1 else 0
+                )
                 pos = {s: i for i, s in enumerate(listed)}
                 rows = [pos[int(s)] for s in preds.study_ids]
                 p[rows], seen[rows] = preds.probs, True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,34 @@ def test_predicts_fold_average_from_run_folder(toy_sequence_cache, tmp_path):
     np.testing.assert_allclose(pred.probs, (single[0] + single[1]) / 2, atol=1e-6)
     sub = pred.to_submission()
     assert len(sub) == 75
+
+
+def test_a_run_trained_from_pretrained_weights_predicts_without_them(
+    toy_sequence_cache, tmp_path, monkeypatch
+):
+    """Issue 19, item 6: the predictor rebuilt each model with its pretrained settings, so a run
+    trained from a local file no longer there (or from the hub, offline) could not predict."""
+    cache = toy_sequence_cache(n_studies=2, size=32)
+    run = _make_run(tmp_path, cache)
+    info = json.loads((run / "run.json").read_text())
+    info["model_kwargs"].update(pretrained=True, pretrained_path="weights/gone.safetensors")
+    (run / "run.json").write_text(json.dumps(info))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the relative path resolves nowhere
+    pred = Predictor.from_run(run, device="cpu").predict_cache(cache)
+    assert pred.probs.shape == (2, 25, 3)
+
+
+def test_autocast_inference_is_close_to_full_precision(toy_sequence_cache, tmp_path):
+    """The path `predict` takes on CUDA (autocast), run on the CPU in bfloat16."""
+    cache = toy_sequence_cache(n_studies=3, size=32)
+    run = _make_run(tmp_path, cache)
+    full = Predictor.from_run(run, device="cpu").predict_cache(cache, batch_size=2)
+    mixed = Predictor.from_run(run, device="cpu", amp=True)
+    assert mixed.amp and mixed.amp_dtype == torch.bfloat16
+    half = mixed.predict_cache(cache, batch_size=2, num_workers=2)
+    np.testing.assert_allclose(half.probs.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(half.probs, full.probs, atol=0.03)
 
 
 def test_flip_tta_is_left_right_equivariant(toy_sequence_cache, tmp_path):

@@ -108,6 +108,9 @@ FAMILIES: dict[str, Callable[[], _Family]] = {
 }
 
 
+_FROM_SCRATCH = {"pretrained": False, "pretrained_path": None}
+
+
 def _strip_split(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "split"}
 
@@ -123,8 +126,16 @@ class Predictor:
         device: torch.device,
         tta_flip: bool = False,
         calibration: Calibration | None = None,
+        amp: bool | None = None,
     ) -> None:
         self.run_dir = run_dir
+        # Autocast where it pays (CUDA) unless told; bf16 where the device has it, else fp16.
+        self.amp = device.type == "cuda" if amp is None else amp
+        self.amp_dtype = (
+            torch.float16
+            if device.type == "cuda" and not torch.cuda.is_bf16_supported()
+            else torch.bfloat16
+        )
         self.calibration = calibration
         self.info = info
         self.models = models
@@ -143,7 +154,10 @@ class Predictor:
         device: str = "auto",
         tta_flip: bool = False,
         calibrate: bool = True,
+        amp: bool | None = None,
     ) -> Predictor:
+        """The fold models of `run_dir` on `device` ("auto": CUDA when present); `amp`:
+        autocast (default: on CUDA only)."""
         from lsdc.models.registry import build_model
         from lsdc.training.engine import CHANNELS_LAST, RUN_FILE, load_model_weights
 
@@ -159,6 +173,10 @@ class Predictor:
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
         kwargs = FAMILIES[info["task"]]().inference_kwargs(info["model_kwargs"])
+        # The fold weights replace every pretrained one: rebuilding from the run's pretrained
+        # settings would need the hub (offline: an error) or a file that may be gone, at a path
+        # relative to wherever training ran.
+        kwargs.update({k: v for k, v in _FROM_SCRATCH.items() if k in kwargs})
         models = []
         for k in wanted:
             path = run_dir / f"fold{k}" / info.get("model_file", "model.safetensors")
@@ -170,7 +188,7 @@ class Predictor:
             raise ValueError(f"{run_dir}: no folds to predict with")
         cal_path = run_dir / CALIBRATION_FILE
         cal = Calibration.load(cal_path) if calibrate and cal_path.exists() else None
-        return cls(run_dir, info, models, dev, tta_flip=tta_flip, calibration=cal)
+        return cls(run_dir, info, models, dev, tta_flip=tta_flip, calibration=cal, amp=amp)
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -184,7 +202,8 @@ class Predictor:
         unmirrored view where the model gives them."""
         from lsdc.data.sequence import mirror_targets
 
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # Non-blocking from pinned memory (the loader pins it on CUDA): the copy overlaps.
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         views = [(batch, False)]
         if self.tta_flip:
             views.append((self.family.mirror_batch(batch), True))
@@ -192,7 +211,8 @@ class Predictor:
         extra: dict[str, torch.Tensor] = {}
         for model in self.models:
             for view, mirrored in views:
-                out = model(view)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                    out = model(view)
                 probs = out["logits"].float().softmax(-1)  # (B, 25, 3)
                 if mirrored:
                     probs = mirror_targets(probs, dim=1)
@@ -234,11 +254,16 @@ class Predictor:
         batch_size: int = 8,
         num_workers: int = 0,
     ) -> Predictions:
-        """Probabilities for every study of a cache (or `study_ids`)."""
+        """Probabilities for every study of a cache (or `study_ids`), read by `num_workers`
+        loader processes."""
         self.check_cache(cache_dir)
         ds = self.family.dataset(cache_dir, study_ids, self.info)
         loader = DataLoader(
-            ds, batch_size=batch_size, collate_fn=self.family.collate, num_workers=num_workers
+            ds,
+            batch_size=batch_size,
+            collate_fn=self.family.collate,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
         )
         ids, outs = [], []
         for batch in loader:
@@ -303,6 +328,7 @@ def predict_submission(
     series_descriptions: str | Path | None = None,
     tta_flip: bool = False,
     device: str = "auto",
+    batch_size: int = 8,
     coordinates_out: str | Path | None = None,
 ) -> SubmissionReport:
     """Run folder + preprocessed cache -> a complete submission CSV (written atomically).
@@ -324,7 +350,7 @@ def predict_submission(
     if coordinates_out is not None:
         ensure_writable(Path(coordinates_out).parent)
     predictor = Predictor.from_run(run_dir, device=device, tta_flip=tta_flip)
-    preds = predictor.predict_cache(cache_dir)
+    preds = predictor.predict_cache(cache_dir, batch_size=batch_size)
     ids, probs = preds.study_ids.tolist(), preds.probs
     filled: list[int] = []
     if series_descriptions is not None:
