@@ -478,6 +478,14 @@ def fit_cmd(
     workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
     executor: ExecutorOption = "local",
     scheduler: SchedulerOption = None,
+    rehearse: Annotated[
+        bool,
+        typer.Option(
+            help="Run the preset's code paths (loader workers, mixed precision, several "
+            "processes) on the CPU at a tiny size, then predict the test split: try a "
+            "configuration before renting a GPU."
+        ),
+    ] = False,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
@@ -488,11 +496,24 @@ def fit_cmd(
     """Train every stage (slice relevance, caches, super-resolution, models on all folds, the
     ensemble) into a runs folder that `lsdc predict DATA --runs` uses. Library messages go to
     RUNS/fit.log; timings and scores to RUNS/fit.json."""
-    from lsdc.pipeline import fit
+    from lsdc import pipeline
     from lsdc.training.engine import is_global_zero
 
     where = _executor(executor, scheduler)
-    rep = fit(
+    if rehearse:
+        if work is not None or executor != "local":
+            raise ValueError("--rehearse runs on this machine, in RUNS: no --work or --executor")
+        pipeline.rehearse(
+            data_dir,
+            out,
+            preset=preset,
+            models=[m for m in models.split(",") if m.strip()] or None,
+            overrides=overrides or [],
+            workers=max(workers, 2),
+            log=typer.echo,
+        )
+        return
+    rep = pipeline.fit(
         data_dir,
         out,
         preset=preset,

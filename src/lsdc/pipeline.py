@@ -180,6 +180,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
             "engine.epochs=30",
             "engine.batch_size=16",
             "engine.num_workers=8",
+            # Every GPU of the node, one process each (Lightning's DDP launcher).
+            "engine.devices=auto",
             "model.backbone=resnet34",
             "data.input.sagittal_size=256",
             "data.input.axial_size=256",
@@ -192,6 +194,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
             "engine.epochs=25",
             "engine.batch_size=16",
             "engine.num_workers=8",
+            # Every GPU of the node, one process each (Lightning's DDP launcher).
+            "engine.devices=auto",
             "model.backbone=resnet18",
             "engine.progress_bar=false",
         ],
@@ -718,6 +722,142 @@ def fit(
     return report
 
 
+# --------------------------------------------------------------------------- rehearsal
+
+# What a rehearsal shrinks, per stage: sizes, epochs and steps, never a code path.
+_REHEARSAL_SIZES = {
+    "relevance": ["folds=2"],
+    "multitask_cache": ["crop_size=64", "hires_max=128"],
+    "sequence_cache": ["size=32"],
+    "sr": ["steps=5", "device=cpu"],
+    "multitask": ["data.input.sagittal_size=64", "data.input.axial_size=64", "model.window_px=16"],
+    "sequence": [],
+    "ensemble": [],
+}
+REHEARSAL_PROCESSES = 2
+REHEARSAL_WORKERS = 2
+
+
+@dataclass
+class Rehearsal:
+    """A plan's rehearsal: the overrides appended to it, and what it exercises or cannot."""
+
+    overrides: list[str]
+    exercised: list[str]
+    not_exercised: list[str]
+
+
+def rehearsal(plan: Plan) -> Rehearsal:
+    """The overrides that run `plan`'s own code paths on the CPU at a tiny size: the same loader
+    settings (persistent workers, at most 2), mixed precision (bf16 autocast on the CPU) where
+    the preset would autocast on a GPU, several processes over gloo where it would use several
+    devices, every stage; only sizes, epochs, folds and steps shrink."""
+    out, did = [], []
+    for stage in plan.overrides:
+        out += [f"{stage}.{o}" for o in _REHEARSAL_SIZES.get(stage, [])]
+    for stage in (m for m in MODELS if m in plan.models):
+        engine = _engine(plan, stage)
+        several = str(engine.devices) in ("auto", "-1") or int(engine.devices) > 1
+        workers = min(int(engine.num_workers), REHEARSAL_WORKERS)
+        mixed = engine.precision == "auto" or "mixed" in str(engine.precision)
+        out += [
+            f"{stage}.engine.epochs=1",
+            f"{stage}.engine.folds=2",
+            f"{stage}.engine.train_folds=null",
+            f"{stage}.engine.batch_size=2",
+            f"{stage}.engine.num_workers={workers}",
+            f"{stage}.engine.accelerator=cpu",
+            f"{stage}.engine.precision={'bf16-mixed' if mixed else engine.precision}",
+        ]
+        if several:
+            out += [
+                f"{stage}.engine.devices={REHEARSAL_PROCESSES}",
+                f"{stage}.engine.num_nodes=1",
+                f"{stage}.engine.strategy=ddp",
+            ]
+        did.append(
+            f"{stage}: {workers} persistent loader workers"
+            + (f" (the preset's {engine.num_workers})" if workers != engine.num_workers else "")
+            + (", bf16 autocast" if mixed else f", precision {engine.precision}")
+            + ", channels-last weights"
+            + (
+                f", {REHEARSAL_PROCESSES} processes over gloo (the preset: devices="
+                f"{engine.devices}, NCCL on GPUs)"
+                if several
+                else ", one process"
+            )
+        )
+    did.append(
+        "predict: bf16 autocast, the fold models' loader with workers, flip TTA, the ensemble"
+    )
+    return Rehearsal(
+        out,
+        did,
+        [
+            "CUDA kernels and NCCL (no GPU here)",
+            "pinned memory and non-blocking copies (they need a GPU)",
+            "the preset's sizes, epochs and folds (shrunk: input 64 px, 1 epoch, 2 folds)",
+        ],
+    )
+
+
+@dataclass
+class RehearsalReport:
+    fit: FitReport
+    predict: PredictReport | None  # None in the extra processes of a multi-process stage
+    rehearsal: Rehearsal
+
+
+def rehearse(
+    data_dir: str | Path,
+    runs_dir: str | Path,
+    *,
+    preset: str = "gpu",
+    models: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    workers: int = REHEARSAL_WORKERS,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> RehearsalReport:
+    """`fit` with `rehearsal`'s overrides into `runs_dir`, then `predict` the data's test
+    studies through the same paths (`RUNS/rehearsal-submission.csv`), and say what was run: a
+    configuration tried on a laptop before renting a GPU."""
+    from lsdc.training.engine import is_global_zero
+
+    plan = make_plan(preset, models, overrides)
+    rehearsed = rehearsal(plan)
+    runs = Path(runs_dir)
+    fitted = fit(
+        data_dir,
+        runs,
+        preset=preset,
+        models=plan.models,
+        overrides=[*overrides, *rehearsed.overrides],
+        workers=workers,
+        log=log,
+        progress=progress,
+    )
+    if not is_global_zero():
+        return RehearsalReport(fitted, None, rehearsed)
+    predicted = predict(
+        data_dir,
+        runs,
+        runs / "rehearsal-submission.csv",
+        workers=workers,
+        device="cpu",
+        amp=True,
+        batch_size=2,
+        log=log,
+        progress=progress,
+    )
+    log(f"[lsdc fit --rehearse] {preset}: every stage ran, and predict wrote {predicted.path}")
+    for line in rehearsed.exercised:
+        log(f"  exercised: {line}")
+    for line in rehearsed.not_exercised:
+        log(f"  not exercised: {line}")
+    return RehearsalReport(fitted, predicted, rehearsed)
+
+
 # --------------------------------------------------------------------------- predict
 
 
@@ -770,6 +910,7 @@ def predict(
     workers: int = 1,
     tta_flip: bool = True,
     device: str = "auto",
+    amp: bool | None = None,
     batch_size: int = 8,
     log: Callable[[str], None] = print,
     progress: bool = True,
@@ -782,7 +923,8 @@ def predict(
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
     Dask cluster `work_dir` must be a folder every worker sees at the same path. The models
-    run on `device` ("auto": CUDA when present, with autocast) in batches of `batch_size`,
+    run on `device` ("auto": CUDA when present, with autocast; `amp` forces it on or off) in
+    batches of `batch_size`,
     fed by `workers` loader processes when `workers` > 1."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
@@ -809,7 +951,7 @@ def predict(
     # Every model's weights are loaded before any preprocessing, so a damaged or missing
     # weights file is named at once, not after minutes of work.
     predictors = {
-        name: Predictor.from_run(run, device=device, tta_flip=tta_flip, calibrate=False)
+        name: Predictor.from_run(run, device=device, tta_flip=tta_flip, calibrate=False, amp=amp)
         for name, run in zip(ens.models, ens.run_dirs(runs), strict=True)
     }
     listed, lacking = input_problems(data, split)

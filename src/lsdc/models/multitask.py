@@ -378,6 +378,9 @@ class MultitaskModel(nn.Module):
                 out[f"heatmaps_{g.name}"] = hm
             first = self.forward_head(fmap, glob, points.detach(), tgt)  # (B*n, K, 3)
             flat_t = tgt.reshape(b, n * k)
+            # Outputs gathered in float32: under autocast the heads give bf16/fp16, and
+            # scatter_ needs one dtype (the losses and the metric want float32 anyway).
+            first, points, vis = first.float(), points.float(), vis.float()
             logits1.scatter_(1, flat_t[..., None].expand(-1, -1, 3), first.reshape(b, n * k, 3))
             keypoints.scatter_(1, flat_t[..., None].expand(-1, -1, 2), points.reshape(b, n * k, 2))
             visibility.scatter_(1, flat_t, vis.reshape(b, n * k))
@@ -400,7 +403,7 @@ class MultitaskModel(nn.Module):
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
                 r = self.refiner(windows)  # (B*n*K, 2)
                 refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * self.windows[g.name]
-                refined = refined.clamp(0, 1).reshape(b, n * k, 2)
+                refined = refined.float().clamp(0, 1).reshape(b, n * k, 2)
                 refined_all.scatter_(1, flat_t[..., None].expand(-1, -1, 2), refined)
             flat_targets = tgt.reshape(-1)
             if self.mirror_right and g.name == "axial":
@@ -408,7 +411,7 @@ class MultitaskModel(nn.Module):
                 right = torch.isin(flat_targets, self.right_axial)
                 windows = torch.where(right[:, None, None, None], windows.flip(-1), windows)
             feats = self.second_mlp(self.embed_windows(windows))
-            second = self.second_heads(feats, flat_targets).reshape(b, n * k, 3)
+            second = self.second_heads(feats, flat_targets).float().reshape(b, n * k, 3)
             logits2.scatter_(1, flat_t[..., None].expand(-1, -1, 3), second)
         prior = self.prior_logits[None].expand(b, -1, -1)
         logits1 = torch.where(present[..., None], logits1, prior)
