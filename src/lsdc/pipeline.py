@@ -40,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from lsdc.fileio import atomic_write_json, atomic_write_text, ensure_writable, load_npz_meta
+from lsdc.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_file,
+    check_output_folder,
+    ensure_writable,
+    load_npz_meta,
+    sibling_csv,
+)
 from lsdc.parallel import LOCAL, Executor
 
 PLAN_FILE = "plan.json"
@@ -483,17 +491,20 @@ def fit(
             "under torchrun, train with `lsdc train multitask|sequence` instead"
         )
     data, runs = Path(data_dir), Path(runs_dir)
+    work = Path(work_dir) if work_dir is not None else runs / "cache"
     plan = make_plan(preset, models, overrides)
     # False in the processes Lightning starts for a model stage on several devices.
     writer = is_global_zero()
     if writer:
+        # Before any work (rank 0 checks for the other processes).
+        for folder in (runs, work):
+            check_output_folder(folder, [("data folder", data)])
         runs.mkdir(parents=True, exist_ok=True)
         ensure_writable(runs)
         _check_plan(runs, plan)
         atomic_write_json(runs / PLAN_FILE, plan.to_dict())
     else:
         log = _silent
-    work = Path(work_dir) if work_dir is not None else runs / "cache"
     report = FitReport(runs)
     state: dict[str, Any] = {"started": [], "seconds": {}}
     if (runs / FIT_FILE).exists():
@@ -626,6 +637,12 @@ class PredictReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def predict_outputs(out_csv: str | Path) -> tuple[Path, Path, Path]:
+    """The files `predict` writes: the submission, and beside it `<stem>_warnings.csv` and
+    `<stem>_coordinates.csv` (the predicted keypoints)."""
+    return Path(out_csv), sibling_csv(out_csv, "warnings"), sibling_csv(out_csv, "coordinates")
+
+
 def input_problems(data: Path, split: str) -> tuple[list[int], dict[int, list[str]]]:
     """(every study the split's descriptions list, study -> what its input lacks: a series
     type not listed, a listed series whose folder is missing or holds no DICOM file)."""
@@ -667,7 +684,8 @@ def predict(
     that could see it, else the weighted prior. Each study a model could not see is written, with
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
-    Dask cluster `work_dir` must be a folder every worker sees at the same path."""
+    Dask cluster `work_dir` must be a folder every worker sees at the same path. Refused before
+    any work: an output over an existing file of the data, runs or work folder."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -682,6 +700,12 @@ def predict(
             "with a Dask scheduler, give a work folder (--work) that every worker sees at the "
             "same path: the default is a temporary folder on this machine"
         )
+    # Before any work: no output over an input.
+    inputs = [("data folder", data), ("runs folder", runs), ("work folder", work_dir)]
+    for path in predict_outputs(out):
+        check_output_file(path, inputs, beside=out if path != out else None)
+    if work_dir is not None:
+        check_output_folder(work_dir, [("data folder", data)])
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
     if not (runs / ENSEMBLE_FILE).is_file():
@@ -757,14 +781,12 @@ def predict(
             {"study_id": s, "model": "all", "problem": "given the weighted prior"}
         )
     path = write_submission(build_submission(listed, pooled), out)
-    warnings_path = out.with_name(f"{out.stem}_warnings.csv")
+    _, warnings_path, coords_path = predict_outputs(out)
     import pandas as pd
 
     table = pd.DataFrame(report_warnings, columns=["study_id", "model", "problem"])
     atomic_write_text(warnings_path, table.to_csv(index=False))
-    coords_path = None
     if coords is not None:
-        coords_path = out.with_name(f"{out.stem}_coordinates.csv")
         atomic_write_text(coords_path, coords.to_csv(index=False))
     problems = validate_submission_file(path, data / f"{split}_series_descriptions.csv")
     if problems:  # a bug in lsdc, never the user's input: every listed study has its rows
@@ -780,6 +802,6 @@ def predict(
         study_ids=np.asarray(listed, np.int64),
         probs=pooled,
         model_probs=dict(zip(ens.models, probs, strict=True)),
-        coordinates=coords_path,
+        coordinates=coords_path if coords is not None else None,
         seconds=seconds,
     )

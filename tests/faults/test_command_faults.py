@@ -1,0 +1,121 @@
+"""Command faults: what a whole command must refuse before it harms its inputs. An output path
+that would overwrite an input: one line naming the path and why, before anything is read at
+length or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from lsdc.cli import main
+
+
+def _run(args: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`lsdc ARGS` in this process: its exit status and its non-blank stderr lines."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+
+
+def _refused(args: list[str | Path], capsys: pytest.CaptureFixture[str], *named: str | Path) -> str:
+    """Run `lsdc ARGS`, expect an expected error: one line (and the --debug hint) naming every
+    one of `named`; return that line."""
+    code, err = _run(args, capsys)
+    assert code == 1, err
+    assert len(err) == 2 and "--debug" in err[1], err
+    for name in named:
+        assert str(name) in err[0], err[0]
+    return err[0]
+
+
+def _files(*folders: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def _fake_runs(tmp_path: Path) -> Path:
+    """A folder holding one file (as a runs folder does): the commands must refuse before they
+    read it."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "plan.json").write_text("{}")
+    return runs
+
+
+# --------------------------------------------------------------------------- outputs vs inputs
+
+
+def _first_dcm(data: Path) -> Path:
+    return sorted((data / "test_images").rglob("*.dcm"))[0]
+
+
+# --out of `lsdc predict DATA --runs RUNS --work WORK` -> the path the refusal must name and why.
+PREDICT_OUT = {
+    "descriptions_table": lambda d, r, w: (d / "test_series_descriptions.csv",) * 2,
+    "dicom_file": lambda d, r, w: (_first_dcm(d),) * 2,
+    "runs_file": lambda d, r, w: (r / "plan.json",) * 2,
+    "work_file": lambda d, r, w: (w / "kept.npz",) * 2,
+    # The coordinates beside the submission would land on the coordinates table.
+    "beside_an_input": lambda d, r, w: (d / "train_label.csv", d / "train_label_coordinates.csv"),
+    "existing_folder": lambda d, r, w: (w,) * 2,
+}
+
+
+@pytest.mark.parametrize("kind", sorted([*PREDICT_OUT, "link_to_input"]))
+def test_predict_never_writes_over_an_input(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    runs, work = _fake_runs(tmp_path), tmp_path / "work"
+    work.mkdir()
+    (work / "kept.npz").write_bytes(b"a cache file")
+    if kind == "link_to_input":
+        out = named = tmp_path / "link.csv"
+        out.symlink_to(data / "train.csv")
+    else:
+        out, named = PREDICT_OUT[kind](data, runs, work)
+    before = _files(data, runs, work)
+    args = ["predict", data, "--runs", runs, "--out", out, "--work", work]
+    line = _refused(args, capsys, named)
+    assert ("is a folder" if kind == "existing_folder" else "would overwrite") in line, line
+    assert _files(data, runs, work) == before  # not a byte changed, nothing added
+
+
+@pytest.mark.parametrize("where", ["data", "inside", "around", "work_inside"])
+def test_fit_refuses_a_runs_or_work_folder_mixed_with_the_data(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    runs = {"data": data, "inside": data / "runs", "around": tmp_path}.get(where, tmp_path / "r")
+    extra = ["--work", data / "cache"] if where == "work_inside" else []
+    before = sorted(tmp_path.rglob("*"))
+    line = _refused(["fit", data, "--out", runs, "--preset", "tiny", *extra], capsys, data)
+    assert "data folder" in line, line
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created
+
+
+def test_every_command_writing_a_path_refuses_one_over_its_input(
+    fx: ModuleType, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = fx.studies(data)[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "oof.npz").write_bytes(b"a run's file")
+    table = data / "train.csv"
+    cases = [
+        (["preprocess", data, "--pipeline", "sequence", "--cache", data / "cache"], data),
+        (["index", data, "--out", table], table),
+        (["viz", "phantom", data, study, "--out", table], table),
+        (["train", "slice-relevance", data, "--out", data], data),
+        (["train", "sequence", data, "--out", data / "run"], data),
+        (["ensemble", "fit", "--runs", run, "--out", run / "oof.npz"], run / "oof.npz"),
+        (["predict", run, data, "--out", table], table),
+    ]
+    before = _files(data, run)
+    for args, named in cases:
+        line = _refused(args, capsys, named)
+        assert "would overwrite" in line or "inside" in line or "is the" in line, line
+    assert _files(data, run) == before
+    assert not (data / "cache").exists() and not (data / "run").exists()
