@@ -442,6 +442,33 @@ class FitReport:
     ensemble: dict[str, Any] = field(default_factory=dict)  # EnsembleReport.to_dict()
 
 
+def check_data(data: Path, split: str, *, labels: bool, descriptions: bool = True) -> None:
+    """Stop a command before any work on what would stop it later, with one line naming the
+    folder or the file, line, column and value: the data folder and its `<split>_images`
+    folder must exist, and every table the command reads is read whole by its `io.tables`
+    reader (every row, column and value; a bad cell found after an hour of training costs the
+    hour). `labels`: train.csv and train_label_coordinates.csv too. The descriptions table is
+    required with `descriptions`, else read when present (the multitask pipeline can type
+    series from their headers). One study's missing folder is not checked: that study is
+    degraded and reported, the others are predicted."""
+    from lsdc.io.tables import read_coordinates, read_series_descriptions, read_train_labels
+
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: no such data folder")
+    table = data / f"{split}_series_descriptions.csv"
+    if descriptions or table.exists():
+        read_series_descriptions(table)
+    if labels:
+        read_train_labels(data / "train.csv")
+        read_coordinates(data / "train_label_coordinates.csv")
+    images = data / f"{split}_images"
+    if not images.is_dir():
+        raise FileNotFoundError(
+            f"{images}: no such folder; the {split} studies' DICOM files belong there "
+            "(<study>/<series>/<instance>.dcm)"
+        )
+
+
 def _check_plan(runs: Path, plan: Plan) -> None:
     """A runs folder keeps one plan: refuse other settings for stages already started."""
     path = runs / PLAN_FILE
@@ -499,6 +526,7 @@ def fit(
         # Before any work (rank 0 checks for the other processes).
         for folder in (runs, work):
             check_output_folder(folder, [("data folder", data)])
+        check_data(data, "train", labels=True, descriptions="sequence" in plan.models)
         runs.mkdir(parents=True, exist_ok=True)
         ensure_writable(runs)
         _check_plan(runs, plan)
@@ -685,7 +713,8 @@ def predict(
     why, to `<out stem>_warnings.csv`. The caches live in `work_dir` (kept and reused when
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
     Dask cluster `work_dir` must be a folder every worker sees at the same path. Refused before
-    any work: an output over an existing file of the data, runs or work folder."""
+    any work: an output over an existing file of the data, runs or work folder, the data
+    failing `check_data`."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -700,12 +729,13 @@ def predict(
             "with a Dask scheduler, give a work folder (--work) that every worker sees at the "
             "same path: the default is a temporary folder on this machine"
         )
-    # Before any work: no output over an input.
+    # Before any work: no output over an input, every input there and well formed.
     inputs = [("data folder", data), ("runs folder", runs), ("work folder", work_dir)]
     for path in predict_outputs(out):
         check_output_file(path, inputs, beside=out if path != out else None)
     if work_dir is not None:
         check_output_folder(work_dir, [("data folder", data)])
+    check_data(data, split, labels=False)
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
     if not (runs / ENSEMBLE_FILE).is_file():

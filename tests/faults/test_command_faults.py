@@ -1,15 +1,17 @@
-"""Command faults: what a whole command must refuse before it harms its inputs. An output path
-that would overwrite an input: one line naming the path and why, before anything is read at
-length or written."""
+"""Command faults: what a whole command must refuse before it harms its inputs or wastes work.
+An output path that would overwrite an input, a malformed table, a missing images folder: one
+line naming the path and why, before anything is read at length or written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 
 from lsdc.cli import main
+from lsdc.constants import TARGETS
 
 
 def _run(args: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
@@ -119,3 +121,62 @@ def test_every_command_writing_a_path_refuses_one_over_its_input(
         assert "would overwrite" in line or "inside" in line or "is the" in line, line
     assert _files(data, run) == before
     assert not (data / "cache").exists() and not (data / "run").exists()
+
+
+# --------------------------------------------------------------------------- tables and folders
+
+
+def _lower_case_severities(data: Path) -> tuple[str, str, str]:
+    """Every severity of train.csv in lower case, as some exports write them -> the line,
+    column and value read first."""
+    labels = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    for col in TARGETS:
+        labels[col] = labels[col].str.lower()
+    labels.to_csv(data / "train.csv", index=False)
+    col = next(c for c in TARGETS if (labels[c] != "").any())
+    row = int((labels[col] != "").to_numpy().argmax())
+    return f"line {row + 2}", f"'{col}'", f"'{labels[col].iloc[row]}'"
+
+
+def test_fit_checks_every_table_before_any_work(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = _lower_case_severities(data)
+    runs = tmp_path / "runs"
+    fit = ["fit", data, "--out", runs, "--preset", "tiny"]
+    _refused(fit, capsys, data / "train.csv", *where, "unknown severity")
+    assert not runs.exists()  # nothing trained, nothing written
+
+
+def test_predict_checks_the_descriptions_table_before_loading_anything(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = data / "test_series_descriptions.csv"
+    desc = pd.read_csv(table, dtype=str)
+    desc.loc[1, "series_description"] = "Coronal T1"
+    desc.to_csv(table, index=False)
+    args = ["predict", data, "--runs", _fake_runs(tmp_path), "--out", tmp_path / "s.csv"]
+    _refused(args, capsys, table, "line 3", "Coronal T1")
+
+
+def test_a_missing_images_folder_stops_predict_and_fit_before_any_work(
+    fx: ModuleType, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    runs, out, work = tmp_path / "runs", tmp_path / "out" / "sub.csv", tmp_path / "work"
+    runs.mkdir()
+    predict = ["predict", data, "--runs", runs, "--out", out, "--work", work]
+    # One study's folder missing is that study's problem (degraded, named in the warnings):
+    # predict goes on, here to the runs folder, which is empty.
+    shutil.rmtree(data / "test_images" / str(fx.studies(data, "test")[0]))
+    _refused([*predict[:5], tmp_path / "sub.csv"], capsys, "not a runs folder")
+    # The whole folder missing is a missing input, not 2 degraded studies.
+    shutil.rmtree(data / "test_images")
+    _refused(predict, capsys, data / "test_images")
+    assert not out.parent.exists() and not work.exists()
+    shutil.rmtree(data / "train_images")
+    _refused(
+        ["fit", data, "--out", tmp_path / "r", "--preset", "tiny"], capsys, data / "train_images"
+    )
+    assert not (tmp_path / "r").exists()
