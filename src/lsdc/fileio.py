@@ -1,7 +1,7 @@
 """Files on disk, trusted only once checked. Atomic writes: a temporary file in the target folder,
 then a rename, so a killed run never leaves a half-written file under the final name. Output
 paths checked against a command's inputs before any work, so an output never overwrites an
-input."""
+input. A folder's writer lock, so two processes never write one runs folder at once."""
 
 from __future__ import annotations
 
@@ -241,3 +241,66 @@ def sibling_csv(path: str | Path, tag: str) -> Path:
     """The CSV a command writes beside its main output: `<dir>/<stem>_<tag>.csv`."""
     path = Path(path)
     return path.with_name(f"{path.stem}_{tag}.csv")
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+class LockHeldError(OSError):
+    """Another process holds the lock of a folder (its message names the holder's pid)."""
+
+
+def _holder(path: Path) -> str:
+    """The pid written in a lock file, as text ("unknown" while its holder has not written it
+    yet, or when unreadable)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created, with this process's pid written in it)
+    until the block ends. When another process holds it, raise `LockHeldError(busy)` at once
+    (`busy` may name the holder as `{pid}`), never wait.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a
+    lock file left behind blocks nothing, whatever pid it names. The file is never deleted: a
+    process that opened it just before would then hold a lock on a file no one else sees. The
+    descriptor is not inherited by the programs this process starts (Lightning's processes for
+    more devices run `lsdc fit` again: they must not hold it)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(busy.format(pid=_holder(path))) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_unlocked(path: str | Path, busy: str) -> None:
+    """Raise `LockHeldError(busy)` (`{pid}`: the holder) when a process holds the exclusive lock
+    of `exclusive_lock` on `path`; a missing or unreadable file is not held. Takes a shared lock
+    for a moment, so it needs no write access (a read-only runs folder)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LockHeldError(busy.format(pid=_holder(Path(path)))) from None
+    finally:
+        os.close(fd)

@@ -26,6 +26,7 @@ processes join the stages that train on several devices and do nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +46,9 @@ from lsdc.fileio import (
     atomic_write_text,
     check_output_file,
     check_output_folder,
+    check_unlocked,
     ensure_writable,
+    exclusive_lock,
     load_npz_meta,
     sibling_csv,
 )
@@ -54,6 +57,7 @@ from lsdc.parallel import LOCAL, Executor
 PLAN_FILE = "plan.json"
 FIT_FILE = "fit.json"
 LOG_FILE = "fit.log"
+LOCK_FILE = ".lock"  # held by the fit writing the runs folder (`hold_runs`)
 ENSEMBLE_FILE = "ensemble.json"
 PLAN_FORMAT = 1
 MODELS = ("multitask", "sequence")
@@ -442,6 +446,17 @@ class FitReport:
     ensemble: dict[str, Any] = field(default_factory=dict)  # EnsembleReport.to_dict()
 
 
+def hold_runs(runs: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock of one writer per runs folder, which `fit` holds for its whole run: a second fit
+    of the same folder fails at once, naming the holder's pid (two fits writing one folder left
+    it unable to predict, its stages made with different relevance runs)."""
+    return exclusive_lock(
+        runs / LOCK_FILE,
+        f"{runs}: another lsdc fit (pid {{pid}}) is writing this runs folder; wait for it or "
+        "use another --out",
+    )
+
+
 def check_data(data: Path, split: str, *, labels: bool, descriptions: bool = True) -> None:
     """Stop a command before any work on what would stop it later, with one line naming the
     folder or the file, line, column and value: the data folder and its `<split>_images`
@@ -504,13 +519,12 @@ def fit(
     """Train every stage on `data_dir` into `runs_dir` (resuming what is done); writes
     plan.json, fit.json (per-stage seconds and scores) and fit.log (library chatter).
     The model caches are built by `workers` processes of `executor` (a local pool or Dask);
-    slice relevance (features, CV folds) runs in a local pool of `workers`."""
-    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
-    from lsdc.preprocess.slice_relevance import train_slice_relevance
+    slice relevance (features, CV folds) runs in a local pool of `workers`.
+
+    Before any work: the runs and work folders must lie outside the data folder, the data must
+    pass `check_data`, and the runs folder's lock (`hold_runs`) is taken for the whole run, so a
+    second fit of the same folder fails at once."""
     from lsdc.training.engine import is_global_zero
-    from lsdc.training.multitask import train_multitask
-    from lsdc.training.sequence import train_sequence
-    from lsdc.training.superres import train_sr
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torch's own sign of a torchrun process
         raise ValueError(
@@ -520,19 +534,43 @@ def fit(
     data, runs = Path(data_dir), Path(runs_dir)
     work = Path(work_dir) if work_dir is not None else runs / "cache"
     plan = make_plan(preset, models, overrides)
-    # False in the processes Lightning starts for a model stage on several devices.
-    writer = is_global_zero()
-    if writer:
-        # Before any work (rank 0 checks for the other processes).
-        for folder in (runs, work):
-            check_output_folder(folder, [("data folder", data)])
-        check_data(data, "train", labels=True, descriptions="sequence" in plan.models)
-        runs.mkdir(parents=True, exist_ok=True)
-        ensure_writable(runs)
+    run_stages = functools.partial(
+        _fit_stages, data, runs, work, plan, workers=workers, progress=progress, executor=executor
+    )
+    # The processes Lightning starts for a model stage on several devices run this again while
+    # rank 0, which checked the inputs, holds the lock: they join that stage and write nothing.
+    if not is_global_zero():
+        return run_stages(writer=False, log=_silent)
+    for folder in (runs, work):
+        check_output_folder(folder, [("data folder", data)])
+    check_data(data, "train", labels=True, descriptions="sequence" in plan.models)
+    ensure_writable(runs)
+    with hold_runs(runs):
         _check_plan(runs, plan)
         atomic_write_json(runs / PLAN_FILE, plan.to_dict())
-    else:
-        log = _silent
+        return run_stages(writer=True, log=log)
+
+
+def _fit_stages(
+    data: Path,
+    runs: Path,
+    work: Path,
+    plan: Plan,
+    *,
+    writer: bool,
+    workers: int,
+    log: Callable[[str], None],
+    progress: bool,
+    executor: Executor,
+) -> FitReport:
+    """`fit`'s stages in order, each resumed; `writer`: this process writes the runs folder (the
+    others join the stages that train on several devices)."""
+    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
+    from lsdc.preprocess.slice_relevance import train_slice_relevance
+    from lsdc.training.multitask import train_multitask
+    from lsdc.training.sequence import train_sequence
+    from lsdc.training.superres import train_sr
+
     report = FitReport(runs)
     state: dict[str, Any] = {"started": [], "seconds": {}}
     if (runs / FIT_FILE).exists():
@@ -714,7 +752,7 @@ def predict(
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
     Dask cluster `work_dir` must be a folder every worker sees at the same path. Refused before
     any work: an output over an existing file of the data, runs or work folder, the data
-    failing `check_data`."""
+    failing `check_data`, a runs folder a fit is writing now."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -729,13 +767,19 @@ def predict(
             "with a Dask scheduler, give a work folder (--work) that every worker sees at the "
             "same path: the default is a temporary folder on this machine"
         )
-    # Before any work: no output over an input, every input there and well formed.
+    # Before any work: no output over an input, every input there and well formed, no fit
+    # writing the runs folder now.
     inputs = [("data folder", data), ("runs folder", runs), ("work folder", work_dir)]
     for path in predict_outputs(out):
         check_output_file(path, inputs, beside=out if path != out else None)
     if work_dir is not None:
         check_output_folder(work_dir, [("data folder", data)])
     check_data(data, split, labels=False)
+    check_unlocked(
+        runs / LOCK_FILE,
+        f"{runs}: an lsdc fit (pid {{pid}}) is writing this runs folder; wait for it to end "
+        "before predicting",
+    )
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
     if not (runs / ENSEMBLE_FILE).is_file():

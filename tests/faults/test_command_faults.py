@@ -1,9 +1,14 @@
 """Command faults: what a whole command must refuse before it harms its inputs or wastes work.
-An output path that would overwrite an input, a malformed table, a missing images folder: one
-line naming the path and why, before anything is read at length or written."""
+An output path that would overwrite an input, a second writer on a runs folder, a malformed
+table, a missing images folder: one line naming the path and why, before anything is read at
+length or written."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -121,6 +126,90 @@ def test_every_command_writing_a_path_refuses_one_over_its_input(
         assert "would overwrite" in line or "inside" in line or "is the" in line, line
     assert _files(data, run) == before
     assert not (data / "cache").exists() and not (data / "run").exists()
+
+
+# --------------------------------------------------------------------------- one writer
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from lsdc.pipeline import hold_runs
+with hold_runs(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold(runs: Path) -> subprocess.Popen[str]:
+    """Another process holding `runs` as a running `lsdc fit` does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(runs)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _other_plan(runs: Path) -> None:
+    """plan.json and fit.json of a fit with other settings, so a fit that gets past the lock
+    stops at once, naming them."""
+    from lsdc.pipeline import make_plan
+
+    (runs / "plan.json").write_text(
+        json.dumps(make_plan("tiny", overrides=["relevance.folds=3"]).to_dict())
+    )
+    (runs / "fit.json").write_text(json.dumps({"started": ["relevance"]}))
+
+
+def test_one_writer_per_runs_folder_and_a_dead_writer_blocks_nothing(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs, sub = tmp_path / "runs", tmp_path / "sub.csv"
+    holder = _hold(runs)
+    try:
+        fit = ["fit", data, "--out", runs, "--preset", "tiny"]
+        line = _refused(fit, capsys, runs, f"pid {holder.pid}", "another lsdc fit")
+        assert "--out" in line
+        assert [p.name for p in runs.iterdir()] == [".lock"]  # nothing written
+        line = _refused(["predict", data, "--runs", runs, "--out", sub], capsys, runs)
+        assert f"pid {holder.pid}" in line and not sub.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed, the holder left its lock file behind, naming a dead process: fit takes it over
+    # (and meets the next check, the settings of this runs folder).
+    assert (runs / ".lock").read_text().strip() == str(holder.pid)
+    _other_plan(runs)
+    _refused(fit, capsys, "other settings for relevance")
+    assert (runs / ".lock").read_text().strip() == str(os.getpid())
+    # A lock file that no process holds, naming a live process (pid 1), blocks nothing either.
+    (runs / ".lock").write_text("1\n")
+    _refused(["predict", data, "--runs", runs, "--out", sub], capsys, "no ensemble")
+
+
+def test_the_extra_processes_of_a_multi_device_stage_never_take_the_lock(
+    data: Path, tmp_path: Path
+) -> None:
+    # Lightning starts `lsdc fit` again for each extra device while rank 0 holds the lock: they
+    # must neither wait for it nor fail on it.
+    runs = tmp_path / "runs"
+    holder = _hold(runs)
+    code = (
+        "import sys\nfrom lsdc.pipeline import fit\n"
+        "fit(sys.argv[1], sys.argv[2], preset='tiny', log=print, progress=False)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(data), str(runs)],
+            env={**env, "LOCAL_RANK": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- tables and folders
