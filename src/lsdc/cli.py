@@ -624,7 +624,8 @@ def _root(
     ] = False,
 ) -> None:
     """Expected errors (bad input, missing files, wrong settings) print one line naming what
-    and where, and exit with status 1; `--debug` shows the traceback instead."""
+    and where, and exit with status 1; `--debug` shows the traceback instead. Ctrl-C prints
+    one line and exits with status 130."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -667,16 +668,42 @@ def error_line(exc: BaseException) -> str:
     return f"error: {first or type(exc).__name__} ({type(exc).__name__})"
 
 
+def _command_words(args: list[str]) -> str:
+    """The command that `args` runs, as typed: "fit", "train multitask" ("" when none)."""
+    words: list[str] = []
+    group = typer.main.get_command(app)
+    for arg in args:
+        commands = getattr(group, "commands", {})  # a group's; a command has none
+        if arg not in commands:
+            break
+        words.append(arg)
+        group = commands[arg]
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The `lsdc` entry point: the app, with expected errors turned into one line."""
+    """The `lsdc` entry point: the app, with expected errors turned into one line, and Ctrl-C
+    into one line and exit status 130."""
     import os
     import sys
+
+    from lsdc.interrupt import EXIT_STATUS, Interrupted, sigint_raises
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LSDC_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command
     try:
-        app(args=args, prog_name="lsdc")
+        with sigint_raises():
+            app(args=args, prog_name="lsdc")
+    except Interrupted as exc:
+        if debug:
+            raise
+        # Once, by rank 0, when Ctrl-C reached every process of a stage on several devices
+        # (only a command that trained has imported the engine).
+        engine = sys.modules.get("lsdc.training.engine")
+        if engine is None or engine.is_global_zero():
+            typer.echo(f"lsdc {_command_words(args)}: {exc}", err=True)
+        sys.exit(EXIT_STATUS)
     except _expected_errors() as exc:
         if debug:
             raise

@@ -52,6 +52,7 @@ from lsdc.fileio import (
     load_npz_meta,
     sibling_csv,
 )
+from lsdc.interrupt import Interrupted
 from lsdc.parallel import LOCAL, Executor
 
 PLAN_FILE = "plan.json"
@@ -523,7 +524,8 @@ def fit(
 
     Before any work: the runs and work folders must lie outside the data folder, the data must
     pass `check_data`, and the runs folder's lock (`hold_runs`) is taken for the whole run, so a
-    second fit of the same folder fails at once."""
+    second fit of the same folder fails at once. Interrupted (`lsdc.interrupt`), it names the
+    stage it stopped in."""
     from lsdc.training.engine import is_global_zero
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torch's own sign of a torchrun process
@@ -674,7 +676,12 @@ def _fit_stages(
                 state["started"].append(stage)
             atomic_write_json(runs / FIT_FILE, state)
             t0 = time.perf_counter()
-            actions[stage]()
+            try:
+                actions[stage]()
+            except Interrupted as exc:
+                raise Interrupted(
+                    f"interrupted during stage {stage}; run the same command to resume"
+                ) from exc
             report.seconds[stage] = round(time.perf_counter() - t0, 1)
             state["seconds"][stage] = report.seconds[stage]
             log(f"[lsdc fit] {stage} done in {report.seconds[stage]:.0f} s")

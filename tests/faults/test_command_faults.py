@@ -1,12 +1,14 @@
-"""Command faults: what a whole command must refuse before it harms its inputs or wastes work.
-An output path that would overwrite an input, a second writer on a runs folder, a malformed
-table, a missing images folder: one line naming the path and why, before anything is read at
-length or written."""
+"""Command faults: what a whole command must refuse, or how it must stop, before it harms its
+inputs or wastes work. An output path that would overwrite an input, a second writer on a runs
+folder, a malformed table, a missing images folder: one line naming the path and why, before
+anything is read at length or written. Ctrl-C: one line, exit status 130, no partial file, and
+`lsdc fit` resumes when run again."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +271,94 @@ def test_a_missing_images_folder_stops_predict_and_fit_before_any_work(
         ["fit", data, "--out", tmp_path / "r", "--preset", "tiny"], capsys, data / "train_images"
     )
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_while_preprocessing_is_one_line_exit_130_and_no_partial_file(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real SIGINT to this process at the worst moment: a study's file written, not renamed.
+    cache = tmp_path / "cache"
+    replace = os.replace
+
+    def interrupted_replace(src: str, dst: str) -> None:
+        if str(dst).endswith(".npz"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    args = ["preprocess", data, "--pipeline", "sequence", "--cache", cache, "size=32"]
+    code, err = _run(args, capsys)
+    assert code == 130 and err == ["lsdc preprocess: interrupted"], (code, err)
+    assert not list(cache.glob("*.npz")) and not list(cache.glob(".*.tmp"))
+
+
+def _until(proc: subprocess.Popen[str], text: str) -> list[str]:
+    """stdout lines of `proc` up to the first containing `text` (all of them if it ends)."""
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return lines
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fit_says_where_exits_130_and_the_same_command_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lsdc.training.engine  # noqa: F401 - imported now, so the checks below are quick
+    from lsdc.synth import generate_dataset
+
+    data = generate_dataset(
+        tmp_path / "data", train_studies=6, test_studies=2, size=64, seed=21,
+        coords_fraction=1.0, progress=False,
+    )  # fmt: skip
+    runs = tmp_path / "runs"
+    fit = ["fit", str(data), "--out", str(runs), "--preset", "tiny", "--models", "multitask",
+           "multitask.engine.epochs=3"]  # fmt: skip
+    with (tmp_path / "stderr").open("w") as err:
+        # Its own process group, as a terminal's foreground job: Ctrl-C reaches every process.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lsdc", *fit],
+            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            seen = _until(proc, "multitask fold0 epoch 1/3")
+            assert "epoch 1/3" in seen[-1], seen
+            # While it trains, a second fit and a predict of the same folder are refused.
+            _refused(fit, capsys, runs, f"pid {proc.pid}")
+            sub = tmp_path / "sub.csv"
+            _refused(["predict", data, "--runs", runs, "--out", sub], capsys, f"pid {proc.pid}")
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            proc.kill()
+    lines = [x for x in (tmp_path / "stderr").read_text().splitlines() if x.strip()]
+    assert lines == [
+        "lsdc fit: interrupted during stage multitask; run the same command to resume"
+    ], lines
+    assert not [p for p in runs.rglob("*") if ".tmp" in p.name]
+
+    again = subprocess.run([sys.executable, "-m", "lsdc", *fit], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "slice relevance CV" not in again.stdout  # a finished stage is not done again
+    state = json.loads((runs / "fit.json").read_text())
+    assert set(state["seconds"]) == {"relevance", "multitask_cache", "multitask", "ensemble"}
+    assert (runs / "ensemble.json").exists()
+
+    # Ctrl-C while predicting (a real SIGINT, sent to this process as the first model predicts):
+    # one line, 130, and neither a submission nor its warnings.
+    from lsdc.inference.predictor import Predictor
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Predictor, "predict_cache", interrupted)
+    out = tmp_path / "out" / "sub.csv"
+    code, err = _run(["predict", data, "--runs", runs, "--out", out], capsys)
+    assert code == 130 and err == ["lsdc predict: interrupted"], (code, err)
+    assert not out.parent.exists() or not list(out.parent.iterdir())
