@@ -17,7 +17,8 @@ def _fail(args: list[str], capsys) -> str:
 
 
 def test_missing_cache_is_one_line_naming_the_file(tmp_path, capsys):
-    line = _fail(["train", "multitask", str(tmp_path / "nope"), "--out", str(tmp_path)], capsys)
+    run = str(tmp_path / "run")
+    line = _fail(["train", "multitask", str(tmp_path / "nope"), "--out", run], capsys)
     assert line == (
         f"error: {tmp_path / 'nope' / 'manifest.json'}: not a cache folder (no manifest) "
         "(FileNotFoundError)"
@@ -25,14 +26,17 @@ def test_missing_cache_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_mistyped_override_names_the_key(tmp_path, capsys):
-    line = _fail(["train", "multitask", str(tmp_path), "--out", str(tmp_path), "sizee=3"], capsys)
+    cache, run = str(tmp_path / "cache"), str(tmp_path / "run")
+    line = _fail(["train", "multitask", cache, "--out", run, "sizee=3"], capsys)
     assert "sizee" in line and line.startswith("error: ")
 
 
 def test_debug_anywhere_on_the_line_shows_the_exception(tmp_path, monkeypatch):
     monkeypatch.delenv("LSDC_DEBUG", raising=False)
     with pytest.raises(FileNotFoundError, match="manifest"):
-        main(["train", "multitask", str(tmp_path / "nope"), "--out", str(tmp_path), "--debug"])
+        main(
+            ["train", "multitask", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), "--debug"]
+        )
 
 
 def test_a_truncated_cache_file_is_named_when_training(toy_multitask_cache, tmp_path, capsys):

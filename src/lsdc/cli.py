@@ -66,7 +66,10 @@ def preprocess(
     ] = None,
 ) -> None:
     """Preprocess a dataset into a per-study cache for one pipeline."""
+    from lsdc.fileio import check_output_folder
+
     where = _executor(executor, scheduler)
+    check_output_folder(cache, [("data folder", data_dir), ("relevance run", relevance_run)])
     if pipeline == "multitask":
         from lsdc.preprocess.multitask import preprocess_dataset
     elif pipeline == "sequence":
@@ -167,7 +170,12 @@ def index_cmd(
     ] = None,
 ) -> None:
     """Header-only index of every series (geometry, flags); bad files listed, never fatal."""
+    from lsdc.fileio import check_output_file, sibling_csv
     from lsdc.io.index import format_summary, index_dataset
+
+    if out is not None:  # the default lies in the current folder
+        check_output_file(out, [("data folder", data_dir)])
+        check_output_file(sibling_csv(out, "problems"), [("data folder", data_dir)], beside=out)
 
     try:
         result = index_dataset(data_dir, split=split, out=out, workers=workers)
@@ -190,7 +198,12 @@ def train_slice_relevance_cmd(
     ] = None,
 ) -> None:
     """Train and cross-validate the slice-relevance ensemble (multitask step 1)."""
+    from lsdc.fileio import check_output_folder
     from lsdc.preprocess.slice_relevance import format_table, train_slice_relevance
+
+    for folder in (out, feature_cache):
+        if folder is not None:
+            check_output_folder(folder, [("data folder", data_dir)])
 
     report = train_slice_relevance(
         data_dir, out, workers=workers, overrides=overrides or [], feature_cache=feature_cache
@@ -206,7 +219,10 @@ def viz_crops(
     out: Annotated[Path, typer.Option(help="PNG to write.")],
 ) -> None:
     """The three crops of every series type and task of one study, with mapped keypoints."""
+    from lsdc.fileio import check_output_file
     from lsdc.preprocess.viz import plot_crops
+
+    check_output_file(out, [("cache", cache_dir)])
 
     typer.echo(plot_crops(cache_dir, study_id, out))
 
@@ -224,7 +240,10 @@ def train_sequence_cmd(
     ] = None,
 ) -> None:
     """Cross-validate the sequence model; writes checkpoints, OOF predictions, score, curves."""
+    from lsdc.fileio import check_output_folder
     from lsdc.training.sequence import train_sequence
+
+    check_output_folder(out, [("cache", cache_dir)])
 
     result = train_sequence(
         cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
@@ -249,7 +268,10 @@ def train_multitask_cmd(
 ) -> None:
     """Cross-validate the multitask model (keypoints, two-pass severity); writes checkpoints,
     OOF predictions and keypoints, score, keypoint error, curves."""
+    from lsdc.fileio import check_output_folder
     from lsdc.training.multitask import train_multitask
+
+    check_output_folder(out, [("cache", cache_dir)])
 
     result = train_multitask(
         cache_dir, out, folds=folds, epochs=epochs, overrides=overrides or [], config_path=config
@@ -278,7 +300,10 @@ def viz_multitask_cmd(
 ) -> None:
     """Predicted vs true keypoints on every crop of a study, and the second-pass windows
     before and after upsampling."""
+    from lsdc.fileio import check_output_file
     from lsdc.inference.viz import plot_multitask_study
+
+    check_output_file(out, [("run folder", run_dir), ("cache", cache_dir)])
 
     typer.echo(f"wrote {plot_multitask_study(run_dir, cache_dir, study_id, out)}")
 
@@ -346,7 +371,10 @@ def viz_phantom(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("phantom.png"),
 ) -> None:
     """Montage of one phantom study (mid-sagittal T2, parasagittal T1, axials) with true points."""
+    from lsdc.fileio import check_output_file
     from lsdc.synth.preview import render_preview
+
+    check_output_file(out, [("data folder", data_dir)])
 
     typer.echo(f"wrote {render_preview(data_dir, study_id, out)}")
 
@@ -358,7 +386,10 @@ def viz_sequence(
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("sequence.png"),
 ) -> None:
     """The ordered, cropped slices of every series type of one study, as the model sees them."""
+    from lsdc.fileio import check_output_file
     from lsdc.preprocess.sequence import plot_sequence_study
+
+    check_output_file(out, [("cache", cache_dir)])
 
     typer.echo(f"wrote {plot_sequence_study(cache_dir, study_id, out)}")
 
@@ -436,8 +467,18 @@ def predict_cmd(
         return
     if cache_dir is None:
         raise ValueError("give --runs RUNS_DIR (from raw data), or RUN_DIR CACHE_DIR")
+    from lsdc.fileio import check_output_file
     from lsdc.inference.predictor import predict_submission
+    from lsdc.pipeline import predict_outputs
 
+    sub, _, coordinates = predict_outputs(out)
+    inputs = [
+        ("run folder", source),
+        ("cache", cache_dir),
+        ("series descriptions table", series_descriptions),
+    ]
+    check_output_file(sub, inputs)
+    check_output_file(coordinates, inputs, beside=sub)
     report = predict_submission(
         source,
         cache_dir,
@@ -446,6 +487,7 @@ def predict_cmd(
         tta_flip=tta_flip,
         device=device,
         batch_size=batch_size,
+        coordinates_out=coordinates,
     )
     typer.echo(f"{report.predicted} studies predicted -> {report.path}")
     if report.coordinates is not None:
@@ -538,8 +580,10 @@ def ensemble_fit_cmd(
     ensemble's OOF score is cross-fitted, never measured on the rows it was fitted on."""
     import json
 
+    from lsdc.fileio import check_output_file
     from lsdc.inference.ensemble import fit_ensemble, save_ensemble
 
+    check_output_file(out, [("run folder", r) for r in runs])
     ens, rep = fit_ensemble({r.name: r for r in runs}, folds=folds)
     save_ensemble(ens, out, rep.to_dict())
     typer.echo(json.dumps(rep.to_dict(), indent=1))
@@ -581,7 +625,10 @@ def train_sr_cmd(
 ) -> None:
     """Train the super-resolution network self-supervised on a multitask cache (degrade, then
     restore); reports held-out PSNR/SSIM against bicubic upsampling."""
+    from lsdc.fileio import check_output_folder
     from lsdc.training.superres import train_sr
+
+    check_output_folder(out, [("cache", cache_dir)])
 
     extra = [f"steps={steps}"] if steps is not None else []
     report = train_sr(
@@ -609,7 +656,8 @@ def _root(
     ] = False,
 ) -> None:
     """Expected errors (bad input, missing files, wrong settings) print one line naming what
-    and where, and exit with status 1; `--debug` shows the traceback instead."""
+    and where, and exit with status 1; `--debug` shows the traceback instead. Ctrl-C prints
+    one line and exits with status 130."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -652,16 +700,42 @@ def error_line(exc: BaseException) -> str:
     return f"error: {first or type(exc).__name__} ({type(exc).__name__})"
 
 
+def _command_words(args: list[str]) -> str:
+    """The command that `args` runs, as typed: "fit", "train multitask" ("" when none)."""
+    words: list[str] = []
+    group = typer.main.get_command(app)
+    for arg in args:
+        commands = getattr(group, "commands", {})  # a group's; a command has none
+        if arg not in commands:
+            break
+        words.append(arg)
+        group = commands[arg]
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The `lsdc` entry point: the app, with expected errors turned into one line."""
+    """The `lsdc` entry point: the app, with expected errors turned into one line, and Ctrl-C
+    into one line and exit status 130."""
     import os
     import sys
+
+    from lsdc.interrupt import EXIT_STATUS, Interrupted, sigint_raises
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LSDC_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]  # accepted anywhere, not only before the command
     try:
-        app(args=args, prog_name="lsdc")
+        with sigint_raises():
+            app(args=args, prog_name="lsdc")
+    except Interrupted as exc:
+        if debug:
+            raise
+        # Once, by rank 0, when Ctrl-C reached every process of a stage on several devices
+        # (only a command that trained has imported the engine).
+        engine = sys.modules.get("lsdc.training.engine")
+        if engine is None or engine.is_global_zero():
+            typer.echo(f"lsdc {_command_words(args)}: {exc}", err=True)
+        sys.exit(EXIT_STATUS)
     except _expected_errors() as exc:
         if debug:
             raise

@@ -1,5 +1,7 @@
-"""Atomic writes: a temporary file in the target folder, then a rename, so a killed run never
-leaves a half-written file under the final name."""
+"""Files on disk, trusted only once checked. Atomic writes: a temporary file in the target folder,
+then a rename, so a killed run never leaves a half-written file under the final name. Output
+paths checked against a command's inputs before any work, so an output never overwrites an
+input. A folder's writer lock, so two processes never write one runs folder at once."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,142 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: weights file not found")
     with reading(path, "unreadable weights"):
         return load_file(str(path))
+
+
+# --------------------------------------------------------------------------- outputs vs inputs
+
+
+class InputOverwriteError(ValueError):
+    """An output path that would replace an input, or mix a command's outputs with its inputs."""
+
+
+# A command's inputs as (what, path) pairs, e.g. ("data folder", DATA); None paths are skipped.
+Inputs = Iterable[tuple[str, str | Path | None]]
+
+
+def _shown(path: str | Path, resolved: Path) -> str:
+    """`path` as the user gave it, with where it leads when a link or `..` makes a difference."""
+    given = Path(path).absolute()
+    return str(path) if given == resolved else f"{path} (resolves to {resolved})"
+
+
+def check_output_file(
+    path: str | Path, inputs: Inputs, *, beside: str | Path | None = None
+) -> None:
+    """Refuse, before any work, an output file that is an existing folder, or that would replace
+    an input: an existing file that is one of `inputs` (files or folders) or lies inside one of
+    them. Links are followed (`Path.resolve`), so a link to an input is refused too. A new file
+    may be written inside an input folder (a submission beside the data): it replaces nothing.
+    Raises `InputOverwriteError` naming the path and the input (and, for a file written
+    `beside` another output, that output: the name the user gave)."""
+    target = Path(path).resolve()
+    shown = _shown(path, target) + (f" (written beside {beside})" if beside is not None else "")
+    if target.is_dir():
+        raise InputOverwriteError(f"{shown}: is a folder; give a file name")
+    if not target.exists():
+        return
+    for what, source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if target == src or target.is_relative_to(src):
+            where = f"the {what}" if target == src else f"a file of the {what} {source}"
+            raise InputOverwriteError(
+                f"{shown}: would overwrite an input, {where}; write it elsewhere"
+            )
+
+
+def check_output_folder(path: str | Path, inputs: Inputs) -> None:
+    """Refuse, before any work, an output folder that is an existing file, or that is, lies
+    inside or holds one of `inputs`, links followed: a runs folder or cache among the data mixes
+    outputs with inputs (inside an images folder it would be read as a study or series), and
+    one around the data lets its files land on an input. Raises `InputOverwriteError` naming
+    the path and the input."""
+    target = Path(path).resolve()
+    if target.exists() and not target.is_dir():
+        raise InputOverwriteError(f"{_shown(path, target)}: is a file, not a folder")
+    for what, source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if target == src:
+            relation = "is"
+        elif target.is_relative_to(src):
+            relation = "lies inside"
+        elif src.is_relative_to(target):
+            relation = "holds"
+        else:
+            continue
+        raise InputOverwriteError(
+            f"{_shown(path, target)}: {relation} the {what} {source}; an output folder must "
+            "lie outside its inputs"
+        )
+
+
+def sibling_csv(path: str | Path, tag: str) -> Path:
+    """The CSV a command writes beside its main output: `<dir>/<stem>_<tag>.csv`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{tag}.csv")
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+class LockHeldError(OSError):
+    """Another process holds the lock of a folder (its message names the holder's pid)."""
+
+
+def _holder(path: Path) -> str:
+    """The pid written in a lock file, as text ("unknown" while its holder has not written it
+    yet, or when unreadable)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created, with this process's pid written in it)
+    until the block ends. When another process holds it, raise `LockHeldError(busy)` at once
+    (`busy` may name the holder as `{pid}`), never wait.
+
+    The kernel drops the lock when its process ends, however it ends (SIGKILL included), so a
+    lock file left behind blocks nothing, whatever pid it names. The file is never deleted: a
+    process that opened it just before would then hold a lock on a file no one else sees. The
+    descriptor is not inherited by the programs this process starts (Lightning's processes for
+    more devices run `lsdc fit` again: they must not hold it)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(busy.format(pid=_holder(path))) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_unlocked(path: str | Path, busy: str) -> None:
+    """Raise `LockHeldError(busy)` (`{pid}`: the holder) when a process holds the exclusive lock
+    of `exclusive_lock` on `path`; a missing or unreadable file is not held. Takes a shared lock
+    for a moment, so it needs no write access (a read-only runs folder)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LockHeldError(busy.format(pid=_holder(Path(path)))) from None
+    finally:
+        os.close(fd)

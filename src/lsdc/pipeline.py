@@ -26,6 +26,7 @@ processes join the stages that train on several devices and do nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -43,15 +44,22 @@ import numpy as np
 from lsdc.fileio import (
     atomic_write_json,
     atomic_write_text,
+    check_output_file,
+    check_output_folder,
+    check_unlocked,
     ensure_writable,
+    exclusive_lock,
     load_npz_meta,
     portable_text,
+    sibling_csv,
 )
+from lsdc.interrupt import Interrupted
 from lsdc.parallel import LOCAL, Executor
 
 PLAN_FILE = "plan.json"
 FIT_FILE = "fit.json"
 LOG_FILE = "fit.log"
+LOCK_FILE = ".lock"  # held by the fit writing the runs folder (`hold_runs`)
 ENSEMBLE_FILE = "ensemble.json"
 PLAN_FORMAT = 1
 MODELS = ("multitask", "sequence")
@@ -535,6 +543,44 @@ def _data_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
+def hold_runs(runs: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock of one writer per runs folder, which `fit` holds for its whole run: a second fit
+    of the same folder fails at once, naming the holder's pid (two fits writing one folder left
+    it unable to predict, its stages made with different relevance runs)."""
+    return exclusive_lock(
+        runs / LOCK_FILE,
+        f"{runs}: another lsdc fit (pid {{pid}}) is writing this runs folder; wait for it or "
+        "use another --out",
+    )
+
+
+def check_data(data: Path, split: str, *, labels: bool, descriptions: bool = True) -> None:
+    """Stop a command before any work on what would stop it later, with one line naming the
+    folder or the file, line, column and value: the data folder and its `<split>_images`
+    folder must exist, and every table the command reads is read whole by its `io.tables`
+    reader (every row, column and value; a bad cell found after an hour of training costs the
+    hour). `labels`: train.csv and train_label_coordinates.csv too. The descriptions table is
+    required with `descriptions`, else read when present (the multitask pipeline can type
+    series from their headers). One study's missing folder is not checked: that study is
+    degraded and reported, the others are predicted."""
+    from lsdc.io.tables import read_coordinates, read_series_descriptions, read_train_labels
+
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: no such data folder")
+    table = data / f"{split}_series_descriptions.csv"
+    if descriptions or table.exists():
+        read_series_descriptions(table)
+    if labels:
+        read_train_labels(data / "train.csv")
+        read_coordinates(data / "train_label_coordinates.csv")
+    images = data / f"{split}_images"
+    if not images.is_dir():
+        raise FileNotFoundError(
+            f"{images}: no such folder; the {split} studies' DICOM files belong there "
+            "(<study>/<series>/<instance>.dcm)"
+        )
+
+
 def _check_plan(runs: Path, plan: Plan) -> None:
     """A runs folder keeps one plan and one dataset: refuse other settings for stages already
     started, or other training data once any stage started."""
@@ -578,13 +624,13 @@ def fit(
     """Train every stage on `data_dir` into `runs_dir` (resuming what is done); writes
     plan.json, fit.json (per-stage seconds and scores) and fit.log (library chatter).
     The model caches are built by `workers` processes of `executor` (a local pool or Dask);
-    slice relevance (features, CV folds) runs in a local pool of `workers`."""
-    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
-    from lsdc.preprocess.slice_relevance import train_slice_relevance
+    slice relevance (features, CV folds) runs in a local pool of `workers`.
+
+    Before any work: the runs and work folders must lie outside the data folder, the data must
+    pass `check_data`, and the runs folder's lock (`hold_runs`) is taken for the whole run, so a
+    second fit of the same folder fails at once. Interrupted (`lsdc.interrupt`), it names the
+    stage it stopped in."""
     from lsdc.training.engine import is_global_zero
-    from lsdc.training.multitask import train_multitask
-    from lsdc.training.sequence import train_sequence
-    from lsdc.training.superres import train_sr
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torch's own sign of a torchrun process
         raise ValueError(
@@ -592,19 +638,46 @@ def fit(
             "under torchrun, train with `lsdc train multitask|sequence` instead"
         )
     data, runs = Path(data_dir), Path(runs_dir)
+    work = Path(work_dir) if work_dir is not None else runs / "cache"
     plan = make_plan(preset, models, overrides)
     plan.data = data_fingerprint(data)
-    # False in the processes Lightning starts for a model stage on several devices.
-    writer = is_global_zero()
-    if writer:
-        runs.mkdir(parents=True, exist_ok=True)
-        ensure_writable(runs)
+    run_stages = functools.partial(
+        _fit_stages, data, runs, work, plan, workers=workers, progress=progress, executor=executor
+    )
+    # The processes Lightning starts for a model stage on several devices run this again while
+    # rank 0, which checked the inputs, holds the lock: they join that stage and write nothing.
+    if not is_global_zero():
+        return run_stages(writer=False, log=_silent)
+    for folder in (runs, work):
+        check_output_folder(folder, [("data folder", data)])
+    check_data(data, "train", labels=True, descriptions="sequence" in plan.models)
+    ensure_writable(runs)
+    with hold_runs(runs):
         _check_plan(runs, plan)
         atomic_write_json(runs / PLAN_FILE, plan.to_dict())
-        log = _also_to_log(log)
-    else:
-        log = _silent
-    work = Path(work_dir) if work_dir is not None else runs / "cache"
+        return run_stages(writer=True, log=_also_to_log(log))
+
+
+def _fit_stages(
+    data: Path,
+    runs: Path,
+    work: Path,
+    plan: Plan,
+    *,
+    writer: bool,
+    workers: int,
+    log: Callable[[str], None],
+    progress: bool,
+    executor: Executor,
+) -> FitReport:
+    """`fit`'s stages in order, each resumed; `writer`: this process writes the runs folder (the
+    others join the stages that train on several devices)."""
+    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
+    from lsdc.preprocess.slice_relevance import train_slice_relevance
+    from lsdc.training.multitask import train_multitask
+    from lsdc.training.sequence import train_sequence
+    from lsdc.training.superres import train_sr
+
     report = FitReport(runs)
     state: dict[str, Any] = {"started": [], "seconds": {}}
     if (runs / FIT_FILE).exists():
@@ -713,7 +786,12 @@ def fit(
                 state["started"].append(stage)
             atomic_write_json(runs / FIT_FILE, state)
             t0 = time.perf_counter()
-            actions[stage]()
+            try:
+                actions[stage]()
+            except Interrupted as exc:
+                raise Interrupted(
+                    f"interrupted during stage {stage}; run the same command to resume"
+                ) from exc
             report.seconds[stage] = round(time.perf_counter() - t0, 1)
             state["seconds"][stage] = report.seconds[stage]
             log(f"[lsdc fit] {stage} done in {report.seconds[stage]:.0f} s")
@@ -878,6 +956,12 @@ class PredictReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def predict_outputs(out_csv: str | Path) -> tuple[Path, Path, Path]:
+    """The files `predict` writes: the submission, and beside it `<stem>_warnings.csv` and
+    `<stem>_coordinates.csv` (the predicted keypoints)."""
+    return Path(out_csv), sibling_csv(out_csv, "warnings"), sibling_csv(out_csv, "coordinates")
+
+
 def input_problems(data: Path, split: str) -> tuple[list[int], dict[int, list[str]]]:
     """(every study the split's descriptions list, study -> what its input lacks: a series
     type not listed, a listed series whose folder is missing or holds no file)."""
@@ -924,8 +1008,9 @@ def predict(
     given; a temporary folder otherwise), built by `workers` processes of `executor`; on a
     Dask cluster `work_dir` must be a folder every worker sees at the same path. The models
     run on `device` ("auto": CUDA when present, with autocast; `amp` forces it on or off) in
-    batches of `batch_size`,
-    fed by `workers` loader processes when `workers` > 1."""
+    batches of `batch_size`, fed by `workers` loader processes when `workers` > 1. Refused
+    before any work: an output over an existing file of the data, runs or work folder, the data
+    failing `check_data`, a runs folder a fit is writing now."""
     from lsdc.inference.ensemble import load_ensemble
     from lsdc.inference.predictor import Predictor, coordinates_table
     from lsdc.inference.submission import (
@@ -940,6 +1025,19 @@ def predict(
             "with a Dask scheduler, give a work folder (--work) that every worker sees at the "
             "same path: the default is a temporary folder on this machine"
         )
+    # Before any work: no output over an input, every input there and well formed, no fit
+    # writing the runs folder now.
+    inputs = [("data folder", data), ("runs folder", runs), ("work folder", work_dir)]
+    for path in predict_outputs(out):
+        check_output_file(path, inputs, beside=out if path != out else None)
+    if work_dir is not None:
+        check_output_folder(work_dir, [("data folder", data)])
+    check_data(data, split, labels=False)
+    check_unlocked(
+        runs / LOCK_FILE,
+        f"{runs}: an lsdc fit (pid {{pid}}) is writing this runs folder; wait for it to end "
+        "before predicting",
+    )
     ensure_writable(out.parent if str(out.parent) else Path("."))
     plan = load_plan(runs)
     if not (runs / ENSEMBLE_FILE).is_file():
@@ -1017,14 +1115,12 @@ def predict(
             {"study_id": s, "model": "all", "problem": "given the weighted prior"}
         )
     path = write_submission(build_submission(listed, pooled), out)
-    warnings_path = out.with_name(f"{out.stem}_warnings.csv")
+    _, warnings_path, coords_path = predict_outputs(out)
     import pandas as pd
 
     table = pd.DataFrame(report_warnings, columns=["study_id", "model", "problem"])
     atomic_write_text(warnings_path, table.to_csv(index=False))
-    coords_path = None
     if coords is not None:
-        coords_path = out.with_name(f"{out.stem}_coordinates.csv")
         atomic_write_text(coords_path, coords.to_csv(index=False))
     problems = validate_submission_file(path, data / f"{split}_series_descriptions.csv")
     if problems:  # a bug in lsdc, never the user's input: every listed study has its rows
@@ -1040,6 +1136,6 @@ def predict(
         study_ids=np.asarray(listed, np.int64),
         probs=pooled,
         model_probs=dict(zip(ens.models, probs, strict=True)),
-        coordinates=coords_path,
+        coordinates=coords_path if coords is not None else None,
         seconds=seconds,
     )
