@@ -917,10 +917,13 @@ def rehearse(
     )
     if not is_global_zero():
         return RehearsalReport(fitted, None, rehearsed)
+    out = runs / "rehearsal-submission.csv"
+    for path in predict_outputs(out):  # a rehearsal's own, from an earlier run of it
+        path.unlink(missing_ok=True)
     predicted = predict(
         data_dir,
         runs,
-        runs / "rehearsal-submission.csv",
+        out,
         workers=workers,
         device="cpu",
         amp=True,
