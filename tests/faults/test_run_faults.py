@@ -64,6 +64,31 @@ def test_predict_writes_a_complete_submission_whatever_the_inputs(
 
 
 @pytest.mark.slow
+def test_a_reused_work_folder_never_returns_stale_predictions(
+    fx: ModuleType, fitted: Path, tmp_path: Path
+) -> None:
+    """Issue 20, bad 3: `predict --work W`, then one DICOM file repaired: the next predict gave
+    the old probabilities and the old warning ("file 3.dcm skipped")."""
+    data = Path(shutil.copytree(fitted / "data", tmp_path / "data"))
+    a = fx.studies(data, "test")[0]
+    bad = fx.dcm_files(fx.series_dir(data, a, SAGITTAL_T2, "test"))[1]
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])
+    work, out = tmp_path / "work", tmp_path / "out"
+    first = predict(data, fitted / "runs", out / "1.csv", work_dir=work, log=_quiet, progress=False)
+    assert any(bad.name in w["problem"] for w in first.warnings if w["study_id"] == a)
+
+    bad.write_bytes(good)  # repaired
+    second = predict(
+        data, fitted / "runs", out / "2.csv", work_dir=work, log=_quiet, progress=False
+    )
+    predict(data, fitted / "runs", out / "3.csv", log=_quiet, progress=False)
+    assert not any(bad.name in w["problem"] for w in second.warnings)
+    assert pd.read_csv(out / "2.csv").equals(pd.read_csv(out / "3.csv"))
+    assert not pd.read_csv(out / "1.csv").equals(pd.read_csv(out / "2.csv"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage",
     ["no_plan", "no_ensemble", "truncated_weights", "missing_fold_weights"],
