@@ -46,6 +46,29 @@ def test_the_multitask_cache_is_built_at_the_presets_input_size(preset):
     assert cache.crop_size >= max(s or cache.crop_size for s in inputs)
 
 
+def test_fit_runs_its_named_stage_units_in_order_and_records_each(tmp_path, monkeypatch):
+    """The stages are units the loop runs (`STAGE_ACTIONS`), testable without training."""
+    from lsdc.parallel import LOCAL
+    from lsdc.pipeline import FIT_FILE, STAGE_ACTIONS, STAGES, _fit_stages
+
+    assert list(STAGE_ACTIONS) == list(STAGES)
+    calls: list[str] = []
+    for stage in STAGES:
+        monkeypatch.setitem(STAGE_ACTIONS, stage, lambda ctx, s=stage: calls.append(s))
+    plan = make_plan("tiny", overrides=TINY)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lines: list[str] = []
+    _fit_stages(
+        tmp_path / "data", runs, runs / "cache", plan, writer=True, workers=1,
+        log=lines.append, progress=False, executor=LOCAL,
+    )  # fmt: skip
+    assert calls == stages_of(plan)
+    state = json.loads((runs / FIT_FILE).read_text())
+    assert state["started"] == stages_of(plan) and set(state["seconds"]) == set(stages_of(plan))
+    assert lines[0] == f"[lsdc fit] 1/{len(calls)} relevance"
+
+
 def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
     """Before, only the overrides were compared: another DATA_DIR with the same study ids
     silently reused the old slice-relevance run and cached studies."""

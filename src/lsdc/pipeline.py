@@ -658,6 +658,133 @@ def fit(
         return run_stages(writer=True, log=_also_to_log(log))
 
 
+@dataclass
+class FitContext:
+    """What every stage of a fit reads: the folders, the plan, how to run, where to report."""
+
+    data: Path
+    runs: Path
+    work: Path
+    plan: Plan
+    workers: int
+    progress: bool
+    executor: Executor
+    log: Callable[[str], None]
+    report: FitReport
+
+    def run_dir(self, stage: str) -> Path:
+        return self.runs / RUN_DIRS[stage]
+
+
+def stage_relevance(ctx: FitContext) -> None:
+    """Slice relevance: the models that find each condition's slice (skipped when done)."""
+    from lsdc.preprocess.slice_relevance import train_slice_relevance
+
+    if not (ctx.run_dir("relevance") / "report.md").exists():
+        train_slice_relevance(
+            ctx.data,
+            ctx.run_dir("relevance"),
+            workers=ctx.workers,
+            overrides=ctx.plan.overrides["relevance"],
+            progress=ctx.progress,
+        )
+
+
+def stage_cache(ctx: FitContext, model: str) -> None:
+    """`model`'s training cache (resumed study by study; changed studies rebuilt)."""
+    stage = f"{model}_cache"
+    rep = build_cache(
+        model,
+        ctx.plan,
+        ctx.data,
+        ctx.runs,
+        ctx.work / f"{model}-train",
+        split="train",
+        workers=ctx.workers,
+        progress=ctx.progress,
+        executor=ctx.executor,
+    )
+    if rep.failed:
+        ctx.log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
+    if rep.warnings:
+        ctx.log(f"  {len(rep.warnings)} studies degraded ({stage}); listed in its warnings.jsonl")
+    if rep.left_out:
+        shown = ", ".join(f"{s} ({why})" for s, why in list(rep.left_out.items())[:3])
+        more = f" and {len(rep.left_out) - 3} more" if len(rep.left_out) > 3 else ""
+        ctx.log(f"  {len(rep.left_out)} studies left out ({stage}): {shown}{more}")
+
+
+def stage_sr(ctx: FitContext) -> None:
+    """Super-resolution of the multitask windows (skipped when done)."""
+    from lsdc.training.superres import train_sr
+
+    if not (ctx.run_dir("sr") / "report.json").exists():
+        r = train_sr(
+            ctx.work / "multitask-train", ctx.run_dir("sr"), overrides=ctx.plan.overrides["sr"]
+        )
+        ctx.log(f"  SR PSNR {r.psnr_sr:.2f} dB vs bicubic {r.psnr_bicubic:.2f} dB")
+
+
+def stage_model(ctx: FitContext, family: str) -> None:
+    """One model family on every fold (each fold resumed), with one line per epoch."""
+    from lsdc.training.multitask import train_multitask
+    from lsdc.training.sequence import train_sequence
+
+    engine = _engine(ctx.plan, family)
+    folds = engine.train_folds if engine.train_folds is not None else range(engine.folds)
+    cb = [_epoch_printer(family, ctx.log, list(folds))]
+    if family == "multitask":
+        # Relative to the run folder, so the runs folder can move.
+        extra = [f"sr_run=../{RUN_DIRS['sr']}"] if "sr" in stages_of(ctx.plan) else []
+        result = train_multitask(
+            ctx.work / "multitask-train",
+            ctx.run_dir(family),
+            overrides=[*ctx.plan.overrides[family], *extra],
+            callbacks=cb,
+        )
+    else:
+        result = train_sequence(
+            ctx.work / "sequence-train",
+            ctx.run_dir(family),
+            overrides=ctx.plan.overrides[family],
+            callbacks=cb,
+        )
+    ctx.report.oof[family] = result.score
+    ctx.log(
+        f"  {family} OOF {result.score['score']:.4f} (weighted prior "
+        f"{result.weighted_prior_score['score']:.4f}, class prior "
+        f"{result.prior_score['score']:.4f})"
+    )
+
+
+def stage_ensemble(ctx: FitContext) -> None:
+    """Per-group weights and calibration over the families' OOF predictions."""
+    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
+
+    runs = {m: ctx.run_dir(m) for m in ctx.plan.models}
+    ens, rep = fit_ensemble(runs, folds=ctx.plan.ensemble_folds)
+    ctx.report.ensemble = rep.to_dict()
+    save_ensemble(ens, ctx.runs / ENSEMBLE_FILE, ctx.report.ensemble)
+    ctx.log(
+        f"  ensemble OOF {rep.score['score']:.4f} (cross-fitted; class prior "
+        f"{rep.class_prior['score']:.4f}; "
+        + ", ".join(f"{m} {s['score']:.4f}" for m, s in rep.models.items())
+        + ")"
+    )
+
+
+# Stage name -> its unit, in STAGES order; `fit` runs those of `stages_of(plan)`.
+STAGE_ACTIONS: dict[str, Callable[[FitContext], None]] = {
+    "relevance": stage_relevance,
+    "multitask_cache": functools.partial(stage_cache, model="multitask"),
+    "sequence_cache": functools.partial(stage_cache, model="sequence"),
+    "sr": stage_sr,
+    "multitask": functools.partial(stage_model, family="multitask"),
+    "sequence": functools.partial(stage_model, family="sequence"),
+    "ensemble": stage_ensemble,
+}
+
+
 def _fit_stages(
     data: Path,
     runs: Path,
@@ -670,107 +797,15 @@ def _fit_stages(
     progress: bool,
     executor: Executor,
 ) -> FitReport:
-    """`fit`'s stages in order, each resumed; `writer`: this process writes the runs folder (the
-    others join the stages that train on several devices)."""
-    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
-    from lsdc.preprocess.slice_relevance import train_slice_relevance
-    from lsdc.training.multitask import train_multitask
-    from lsdc.training.sequence import train_sequence
-    from lsdc.training.superres import train_sr
-
+    """`fit`'s stages in order, each resumed, with their times and scores in fit.json;
+    `writer`: this process writes the runs folder (the others join the stages that train on
+    several devices)."""
     report = FitReport(runs)
+    ctx = FitContext(data, runs, work, plan, workers, progress, executor, log, report)
     state: dict[str, Any] = {"started": [], "seconds": {}}
     if (runs / FIT_FILE).exists():
         state = {**state, **json.loads((runs / FIT_FILE).read_text())}
     stages = stages_of(plan)
-
-    def run_dir(stage: str) -> Path:
-        return runs / RUN_DIRS[stage]
-
-    def train(stage: str) -> None:
-        engine = _engine(plan, stage)
-        folds = engine.train_folds if engine.train_folds is not None else range(engine.folds)
-        cb = [_epoch_printer(stage, log, list(folds))]
-        if stage == "multitask":
-            # Relative to the run folder, so the runs folder can move.
-            extra = [f"sr_run=../{RUN_DIRS['sr']}"] if "sr" in stages else []
-            result = train_multitask(
-                work / "multitask-train",
-                run_dir(stage),
-                overrides=[*plan.overrides[stage], *extra],
-                callbacks=cb,
-            )
-        else:
-            result = train_sequence(
-                work / "sequence-train",
-                run_dir(stage),
-                overrides=plan.overrides[stage],
-                callbacks=cb,
-            )
-        report.oof[stage] = result.score
-        log(
-            f"  {stage} OOF {result.score['score']:.4f} (weighted prior "
-            f"{result.weighted_prior_score['score']:.4f}, class prior "
-            f"{result.prior_score['score']:.4f})"
-        )
-
-    def relevance() -> None:
-        if not (run_dir("relevance") / "report.md").exists():
-            train_slice_relevance(
-                data,
-                run_dir("relevance"),
-                workers=workers,
-                overrides=plan.overrides["relevance"],
-                progress=progress,
-            )
-
-    def cache(stage: str) -> None:
-        model = stage.removesuffix("_cache")
-        rep = build_cache(
-            model,
-            plan,
-            data,
-            runs,
-            work / f"{model}-train",
-            split="train",
-            workers=workers,
-            progress=progress,
-            executor=executor,
-        )
-        if rep.failed:
-            log(f"  {len(rep.failed)} studies failed ({stage}); listed in its errors.jsonl")
-        if rep.warnings:
-            log(f"  {len(rep.warnings)} studies degraded ({stage}); listed in its warnings.jsonl")
-        if rep.left_out:
-            shown = ", ".join(f"{s} ({why})" for s, why in list(rep.left_out.items())[:3])
-            more = f" and {len(rep.left_out) - 3} more" if len(rep.left_out) > 3 else ""
-            log(f"  {len(rep.left_out)} studies left out ({stage}): {shown}{more}")
-
-    def sr() -> None:
-        if not (run_dir("sr") / "report.json").exists():
-            r = train_sr(work / "multitask-train", run_dir("sr"), overrides=plan.overrides["sr"])
-            log(f"  SR PSNR {r.psnr_sr:.2f} dB vs bicubic {r.psnr_bicubic:.2f} dB")
-
-    def ensemble() -> None:
-        ens, rep = fit_ensemble({m: run_dir(m) for m in plan.models}, folds=plan.ensemble_folds)
-        report.ensemble = rep.to_dict()
-        save_ensemble(ens, runs / ENSEMBLE_FILE, report.ensemble)
-        log(
-            f"  ensemble OOF {rep.score['score']:.4f} (cross-fitted; class prior "
-            f"{rep.class_prior['score']:.4f}; "
-            + ", ".join(f"{m} {s['score']:.4f}" for m, s in rep.models.items())
-            + ")"
-        )
-
-    actions: dict[str, Callable[[], None]] = {
-        "relevance": relevance,
-        "multitask_cache": lambda: cache("multitask_cache"),
-        "sequence_cache": lambda: cache("sequence_cache"),
-        "sr": sr,
-        "multitask": lambda: train("multitask"),
-        "sequence": lambda: train("sequence"),
-        "ensemble": ensemble,
-    }
     # fit.log is in the runs folder: the places Lightning's messages name are written relative
     # to it (Lightning logs the resume checkpoint's path).
     places = {p: os.path.relpath(os.path.realpath(p), os.path.realpath(runs)) for p in (data, work)}
@@ -779,7 +814,7 @@ def _fit_stages(
             if not writer:
                 # Rank 0 did every earlier stage before it started this process.
                 if stage in MODELS and _processes(plan, stage) > 1:
-                    actions[stage]()
+                    STAGE_ACTIONS[stage](ctx)
                 continue
             log(f"[lsdc fit] {i}/{len(stages)} {stage}")
             if stage not in state["started"]:
@@ -787,7 +822,7 @@ def _fit_stages(
             atomic_write_json(runs / FIT_FILE, state)
             t0 = time.perf_counter()
             try:
-                actions[stage]()
+                STAGE_ACTIONS[stage](ctx)
             except Interrupted as exc:
                 raise Interrupted(
                     f"interrupted during stage {stage}; run the same command to resume"
