@@ -323,7 +323,9 @@ class MultitaskModel(nn.Module):
         centres (N, K, 2) normalised -> (N * K, 3, P, P), P = window_px * sr_scale (with
         `upsampled=False`, the sampled window before upsampling)."""
         n, k = centres.shape[:2]
-        scale = fine_hw.flip(-1).to(centres.dtype) / centres.new_tensor(fine.shape[-1:-3:-1])
+        # The true share of the padded source, per axis (Python divisors: no copy from the host).
+        wh = fine_hw.flip(-1).to(centres.dtype)  # (N, 2) true w, h
+        scale = torch.stack([wh[:, 0] / fine.shape[-1], wh[:, 1] / fine.shape[-2]], dim=-1)
         out_px = self.window_px * self.sr_scale
         px = out_px if self.upsample_mode == "none" else self.window_px
         grid = window_grid(
