@@ -155,6 +155,16 @@ class WindowRefiner(nn.Module):
         return soft_argmax(self.net(x))[:, 0]
 
 
+def _drop_unbuilt_keypoint_head(
+    module: MultitaskModel, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    """Load-time pre-hook: drops the weights of the keypoint head the model does not build,
+    which weights saved before it was left out still hold (never trained: no gradient)."""
+    unbuilt = prefix + ("regress." if module.keypoint_head == "heatmap" else "heatmap.")
+    for key in [k for k in state_dict if k.startswith(unbuilt)]:
+        del state_dict[key]
+
+
 @register_model("multitask")
 class MultitaskModel(nn.Module):
     """See the module docstring."""
@@ -215,9 +225,14 @@ class MultitaskModel(nn.Module):
         )
         self.global_proj = nn.Sequential(nn.Linear(nf, d), nn.LayerNorm(d), nn.GELU())
         k_of = {g.name: len(g.targets[0]) for g in GROUPS}
-        # Keypoint heads per group (their K differ: 5 sagittal, 2 axial).
-        self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
-        self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+        # Keypoint heads per group (their K differ: 5 sagittal, 2 axial). Only the head in use
+        # is built: one without gradients stalls DDP's gradient reduction. (Weights saved when
+        # both were built still load: `_drop_unbuilt_keypoint_head`.)
+        if keypoint_head == "heatmap":
+            self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
+        else:
+            self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+        self.register_load_state_dict_pre_hook(_drop_unbuilt_keypoint_head)
         self.visible = nn.ModuleDict({g: nn.Linear(d, k) for g, k in k_of.items()})
         index = _head_index(heads)
         self.first_mlp = nn.Sequential(nn.Linear(2 * d, hidden_dim), nn.GELU(), nn.Dropout(dropout))
