@@ -4,7 +4,7 @@ the folder's own conftest.py."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +97,15 @@ def _write_toy_multitask_cache(
     split: str = "train",
     absent: dict[int, str] | None = None,
     ordered: bool = False,
+    uncoordinated: Collection[int] = (),
 ) -> Path:
     """A multitask cache of random studies written directly (no DICOM): every crop is noise
     with a bright dot on each keypoint whose size grows with the keypoint's severity (so a model
     can learn something). `hires` > 0 also stores each crop at that size as its native window;
     `absent` maps study index -> a crop key stored as missing. `ordered`: the dots lie at fixed
     places in the anatomy's order (sagittal levels top to bottom, the patient's left axial point
-    on the right of the image), so that only their size, the severity, varies."""
+    on the right of the image), so that only their size, the severity, varies. The studies of
+    `uncoordinated` (indices) have no known keypoint, as studies without coordinates."""
     from lsdc.constants import SERIES_TYPES, TARGETS
     from lsdc.preprocess.cache import StudyCache
     from lsdc.preprocess.multitask import CACHE_FORMAT, _empty_crop, crop_key, keypoint_names
@@ -148,7 +150,7 @@ def _write_toy_multitask_cache(
                         slice_indices=np.array([3, 4, 5]),
                         instance_numbers=np.array([7, 6, 5]),
                         keypoints=pts.astype(np.float32),
-                        keypoint_mask=np.ones(len(names), bool),
+                        keypoint_mask=np.full(len(names), i not in uncoordinated),
                         keypoint_native=(pts * 2 + window[[2, 0]]).astype(np.float32),
                         window=window,
                         volume_shape=np.array([9, 100, 100]),

@@ -130,6 +130,51 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch(batch):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"keypoint_head": "regression", "combine": "learned"},
+        {"refine": True, "second_backbone": "shared", "heads": "target"},
+        {"second_pass": False},
+    ],
+)
+def test_every_parameter_takes_part_in_every_backward_pass(toy_multitask_cache, kwargs):
+    # DDP (find_unused_parameters=False) waits for a gradient of every trainable parameter at
+    # every step: none may depend on what the batch holds (coordinates, labels) or on a loss
+    # weight of 0.
+    from lsdc.training.losses import LossConfig
+    from lsdc.training.multitask import MultitaskLossConfig, multitask_loss
+
+    cache = toy_multitask_cache(n_studies=2, size=32, hires=40, uncoordinated={1})
+    items = [MultitaskDataset(cache)[i] for i in range(2)]
+    unlabelled = {**items[1], "labels": torch.full((25,), -1)}
+    model = build_model("multitask", **TINY, **kwargs)
+    cfg = MultitaskLossConfig(first_weight=0.0)
+    for batch in map(collate_multitask, ([items[0]], [items[1]], [unlabelled])):
+        model.zero_grad(set_to_none=True)
+        multitask_loss(model(batch), batch, cfg, LossConfig())["loss"].backward()
+        idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not idle, idle
+
+
+def test_weights_saved_with_both_keypoint_heads_still_load():
+    # Until the unused keypoint head was left out, every model held both.
+    heatmap = build_model("multitask", **TINY)
+    regression = build_model("multitask", **TINY, keypoint_head="regression")
+    assert not any(k.startswith("regress.") for k in heatmap.state_dict())
+    assert not any(k.startswith("heatmap.") for k in regression.state_dict())
+    both = {**regression.state_dict(), **heatmap.state_dict()}
+    for model in (heatmap, regression):
+        model.load_state_dict(both)
+        # Under a wrapper too (a Lightning checkpoint's "model." prefix).
+        torch.nn.ModuleDict({"model": model}).load_state_dict(
+            {f"model.{k}": v for k, v in both.items()}
+        )
+    with pytest.raises(RuntimeError, match="bogus"):
+        heatmap.load_state_dict({**both, "bogus": torch.zeros(1)})
+
+
 def test_the_refiner_learns_to_place_a_bright_dot_inside_its_window():
     from lsdc.models.multitask import WindowRefiner
 

@@ -104,9 +104,11 @@ TINY = [
 ]
 
 
-def _lsdc(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`python -m lsdc ARGS` (Lightning's launcher starts rank 1 by running it again) -> the
-    finished process and the "pid path" lines of every process's writes."""
+def _launch(
+    argv: list[str], tmp_path: Path, env: dict[str, str] | None = None, ok: bool = True
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python ARGV` (Lightning's launcher starts rank 1 by running it again) -> the finished
+    process and the "pid path" lines of every process's writes."""
     audit = tmp_path / "audit"
     audit.mkdir(exist_ok=True)
     (audit / "sitecustomize.py").write_text(_AUDIT)
@@ -115,15 +117,22 @@ def _lsdc(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess,
     path = [str(audit), str(SRC), os.environ.get("PYTHONPATH", "")]
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join(p for p in path if p),
         "WRITE_LOG": str(log),
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "lsdc", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def _lsdc(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python -m lsdc ARGS` through `_launch`."""
+    return _launch(["-m", "lsdc", *args], tmp_path)
 
 
 @pytest.mark.slow
@@ -178,3 +187,99 @@ def test_two_processes_give_the_oof_of_every_validation_study_once(toy_sequence_
 
     pred = Predictor.from_run(run, device="cpu").predict_cache(cache, batch_size=2)
     assert pred.probs.shape == (len(folds), 25, 3)
+
+
+# Trains the multitask model (Lightning starts rank 1 by running this file again); with
+# STOP_AT_EPOCH set, both processes are interrupted, as by Ctrl-C, when a fold reaches that epoch.
+_TRAIN_MULTITASK = """
+import os
+import sys
+
+import lightning as L
+
+from lsdc.training.multitask import train_multitask
+
+
+class Interrupt(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if str(trainer.current_epoch) == os.environ.get("STOP_AT_EPOCH"):
+            raise KeyboardInterrupt
+
+
+cache, run, *overrides = sys.argv[1:]
+train_multitask(cache, run, overrides=overrides, callbacks=[Interrupt()])
+"""
+
+MULTITASK_TINY = [
+    "engine.folds=2",
+    "engine.epochs=2",
+    "model.backbone=resnet10t",
+    "model.feature_dim=16",
+    "model.hidden_dim=16",
+    "model.window_px=8",
+    # One study a batch: a process's batch then often holds no keypoint while the other's does.
+    "engine.batch_size=1",
+    "engine.progress_bar=false",
+    "engine.accelerator=cpu",
+    "engine.devices=2",
+    "engine.strategy=ddp",
+    # With the OOF's flip TTA (on by default) and the default heatmap head and teacher forcing.
+    "engine.ema_epochs=1",
+]
+
+
+@pytest.mark.slow
+def test_multitask_model_trains_and_resumes_on_two_processes(toy_multitask_cache, tmp_path):
+    import torch
+
+    from lsdc.inference.predictor import Predictor
+
+    uncoordinated = {1001, 1004}
+    cache = toy_multitask_cache(
+        n_studies=6, size=32, hires=40, uncoordinated={1, 4}, absent={2: "axial_t2__l1_l2"}
+    )
+    run = tmp_path / "run"
+    script = tmp_path / "train_multitask.py"
+    script.write_text(_TRAIN_MULTITASK)
+    argv = [str(script), str(cache), str(run), *MULTITASK_TINY]
+
+    # Interrupted when fold 0 starts its second epoch: its first (every process's gradients
+    # reduced at each step) is checkpointed.
+    proc, _ = _launch(argv, tmp_path, env={"STOP_AT_EPOCH": "1"}, ok=False)
+    output = proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode != 0 and "Detected KeyboardInterrupt" in output, output
+    last = run / "fold0" / "checkpoints" / "last.ckpt"
+    first = json.loads((run / "fold0" / "history.json").read_text())
+    assert [h["epoch"] for h in first] == [0]
+    steps = torch.load(last, weights_only=True)["global_step"]
+    assert steps == 2  # 3 training studies: 2 a process (one repeated), one a batch
+
+    proc, writes = _launch(argv, tmp_path)
+    assert len({line.split(" ", 1)[0] for line in writes}) == 1, writes  # rank 0 writes alone
+    hist = json.loads((run / "fold0" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[0] == first[0], "epoch 0 was trained again"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 2 * steps  # continued from the checkpoint
+    assert "current_model_state" in ckpt  # the average rode along (engine.ema_epochs)
+
+    folds = pd.read_csv(run / "folds.csv")
+    val = {k: g["study_id"].tolist() for k, g in folds.groupby("fold")}
+    # Each fold trains on a study without coordinates, and the validation sampler repeats a
+    # study of an odd fold on the second process.
+    assert all(not uncoordinated <= set(ids) for ids in val.values()), val
+    assert any(len(ids) % 2 for ids in val.values()), val
+    whole, _ = load_npz(run / "oof.npz")
+    assert whole["study_ids"].tolist() == val[0] + val[1]
+    assert whole["out_keypoints"].shape == (6, 25, 2)
+    for k, ids in val.items():
+        arrays, _ = load_npz(run / f"fold{k}" / "oof.npz")
+        assert arrays["study_ids"].tolist() == ids  # each once, in the one-process order
+        # The OOF (averaged weights, with the mirror view) is what one process predicts.
+        fold = Predictor.from_run(run, folds=[k], device="cpu", tta_flip=True, calibrate=False)
+        got = fold.predict_cache(cache, ids)
+        assert got.study_ids.tolist() == ids
+        np.testing.assert_allclose(got.probs, arrays["probs"], atol=1e-5)
+    # Every known keypoint of the OOF once: 4 studies with coordinates, less an absent crop's 2.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["keypoint_error_mm"]["all"]["n"] == 4 * 25 - 2

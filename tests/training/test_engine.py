@@ -300,3 +300,35 @@ def test_weight_averaging_copies_integer_buffers_and_averages_floats():
         avg.update_parameters(net)
     torch.testing.assert_close(avg.module.index, torch.arange(25))
     torch.testing.assert_close(avg.module.w, torch.full((3,), 1 - ema.decay**5))
+
+
+def test_sync_batchnorm_reaches_the_trainer_and_is_refused_on_cpu_processes(
+    toy_sequence_cache, tmp_path, monkeypatch
+):
+    import lightning as L
+
+    from lsdc.config import load_config
+
+    class Built(Exception):
+        pass
+
+    seen: dict = {}
+
+    def trainer(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    cache = toy_sequence_cache(n_studies=4, size=32)
+    monkeypatch.setattr(L, "Trainer", trainer)
+    on = [*TINY, "engine.sync_batchnorm=true", "engine.folds=2"]
+    cfg = load_config(SequenceTrainConfig, None, on)
+    with pytest.raises(Built):
+        run_cross_validation(tmp_path / "run", sequence_task(cache, cfg), cfg.engine)
+    assert seen["sync_batchnorm"] is True
+    # torch's SyncBatchNorm fails on CPU tensors in the first step: refused before training.
+    cfg = load_config(
+        SequenceTrainConfig, None, [*on, "engine.accelerator=cpu", "engine.devices=2"]
+    )
+    with pytest.raises(ValueError, match="sync_batchnorm needs GPUs"):
+        run_cross_validation(tmp_path / "cpu", sequence_task(cache, cfg), cfg.engine)
+    assert not (tmp_path / "cpu").exists()

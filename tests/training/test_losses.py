@@ -52,3 +52,24 @@ def test_no_labels_gives_zero_with_gradient():
     out = metric_loss(logits, torch.full((2, 25), -1))
     out["loss"].backward()
     assert float(out["loss"].detach()) == 0.0 and logits.grad is not None
+
+
+def test_a_term_without_rows_counts_zero_and_leaves_the_mean_of_the_others():
+    # Study 0 has spinal labels only, study 1 foraminal only: no subarticular rows at all, and
+    # no spinal level for study 1's any-severe term (its -inf max must not become a NaN).
+    logits, labels = _random(n=2, seed=2)
+    labels[:] = -1
+    labels[0, :5] = torch.tensor([0, 2, 1, 0, 0])
+    labels[1, 5:15] = 1
+    logits.requires_grad_(True)
+    out = metric_loss(logits, labels)
+    assert out["subarticular"] == 0 and out["n_subarticular"] == 0
+    assert out["n_spinal"] == 1 + 4 + 2 + 1 + 1 and out["n_any_severe_spinal"] == 4
+    mean = (out["spinal"] + out["foraminal"] + out["any_severe_spinal"]) / 3
+    assert torch.allclose(out["loss"].detach(), mean)
+    # The same as the study alone for its any-severe term.
+    alone = metric_loss(logits[:1].detach(), labels[:1])["any_severe_spinal"]
+    assert torch.allclose(out["any_severe_spinal"], alone)
+    out["loss"].backward()
+    assert torch.isfinite(logits.grad).all()
+    assert not logits.grad[:, 15:].any()  # nothing labelled there

@@ -70,7 +70,12 @@ def test_study_without_coordinates_teaches_no_visibility():
     batch["point_mask"][:] = False
     batch["has_coords"][:] = False
     terms = keypoint_losses(out, batch)
-    assert "visibility" not in terms and terms["keypoint_l1"].item() == 0.0
+    # Present, so that the visibility head takes part in every backward pass (DDP), but 0 over
+    # no keypoints, teaching nothing.
+    assert terms["n_visibility"].item() == 0 and terms["n_keypoint_l1"].item() == 0
+    assert terms["visibility"].item() == 0.0 and terms["keypoint_l1"].item() == 0.0
+    (terms["visibility"] + terms["keypoint_l1"]).backward()
+    assert not out["visibility"].grad.any() and not out["keypoints"].grad.any()
 
 
 def test_unlabelled_targets_are_ignored_and_every_term_reported():

@@ -155,6 +155,16 @@ class WindowRefiner(nn.Module):
         return soft_argmax(self.net(x))[:, 0]
 
 
+def _drop_unbuilt_keypoint_head(
+    module: MultitaskModel, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    """Load-time pre-hook: drops the weights of the keypoint head the model does not build,
+    which weights saved before it was left out still hold (never trained: no gradient)."""
+    unbuilt = prefix + ("regress." if module.keypoint_head == "heatmap" else "heatmap.")
+    for key in [k for k in state_dict if k.startswith(unbuilt)]:
+        del state_dict[key]
+
+
 @register_model("multitask")
 class MultitaskModel(nn.Module):
     """See the module docstring."""
@@ -215,9 +225,14 @@ class MultitaskModel(nn.Module):
         )
         self.global_proj = nn.Sequential(nn.Linear(nf, d), nn.LayerNorm(d), nn.GELU())
         k_of = {g.name: len(g.targets[0]) for g in GROUPS}
-        # Keypoint heads per group (their K differ: 5 sagittal, 2 axial).
-        self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
-        self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+        # Keypoint heads per group (their K differ: 5 sagittal, 2 axial). Only the head in use
+        # is built: one without gradients stalls DDP's gradient reduction. (Weights saved when
+        # both were built still load: `_drop_unbuilt_keypoint_head`.)
+        if keypoint_head == "heatmap":
+            self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
+        else:
+            self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+        self.register_load_state_dict_pre_hook(_drop_unbuilt_keypoint_head)
         self.visible = nn.ModuleDict({g: nn.Linear(d, k) for g, k in k_of.items()})
         index = _head_index(heads)
         self.first_mlp = nn.Sequential(nn.Linear(2 * d, hidden_dim), nn.GELU(), nn.Dropout(dropout))
@@ -323,7 +338,9 @@ class MultitaskModel(nn.Module):
         centres (N, K, 2) normalised -> (N * K, 3, P, P), P = window_px * sr_scale (with
         `upsampled=False`, the sampled window before upsampling)."""
         n, k = centres.shape[:2]
-        scale = fine_hw.flip(-1).to(centres.dtype) / centres.new_tensor(fine.shape[-1:-3:-1])
+        # The true share of the padded source, per axis (Python divisors: no copy from the host).
+        wh = fine_hw.flip(-1).to(centres.dtype)  # (N, 2) true w, h
+        scale = torch.stack([wh[:, 0] / fine.shape[-1], wh[:, 1] / fine.shape[-2]], dim=-1)
         out_px = self.window_px * self.sr_scale
         px = out_px if self.upsample_mode == "none" else self.window_px
         grid = window_grid(

@@ -121,22 +121,27 @@ class SequenceModel(nn.Module):
         b, t, s, h, w = images.shape
         g = self.grid * self.grid
         out = images.new_zeros(b, t, s, g, self.backbones[0].num_features)
+        # Which series are present is read on the host (a backbone's batch size depends on
+        # it): a `nonzero` per backbone call, at the start of the forward, where the device has
+        # the least work queued to drain. Nothing else in a training step waits for the device.
         if self.shared_backbone:
             # One backbone call over every present series of the batch (fewer, larger kernels).
-            present = images[series_mask]  # (P, S, H, W)
-            if present.shape[0]:
+            idx = series_mask.flatten().nonzero().squeeze(1)  # (P,) into B * T
+            if idx.numel():
+                present = images.flatten(0, 1).index_select(0, idx)  # (P, S, H, W)
                 feats = self._embed(self.backbones[0], present.reshape(-1, 1, h, w))  # (P*S, G, F)
-                out = out.to(feats.dtype)
-                out[series_mask] = feats.reshape(present.shape[0], s, g, -1)
+                feats = feats.reshape(idx.numel(), s, g, -1)
+                out = out.to(feats.dtype).flatten(0, 1).index_copy(0, idx, feats)
+                out = out.reshape(b, t, s, g, -1)
             return out
         for ti in range(t):
-            rows = series_mask[:, ti]
-            if not bool(rows.any()):
+            rows = series_mask[:, ti].nonzero().squeeze(1)  # (B_present,)
+            if not rows.numel():
                 continue
-            x = images[rows, ti].reshape(-1, 1, h, w)  # (B_present * S, 1, H, W)
+            x = images[:, ti].index_select(0, rows).reshape(-1, 1, h, w)  # (B_present * S, 1, H, W)
             feats = self._embed(self.backbones[ti], x)  # (B_present * S, G, F)
             out = out.to(feats.dtype)
-            out[rows, ti] = feats.reshape(int(rows.sum()), s, g, -1)
+            out[:, ti] = out[:, ti].index_copy(0, rows, feats.reshape(rows.numel(), s, g, -1))
         return out
 
     def forward_features(

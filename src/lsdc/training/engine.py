@@ -86,6 +86,9 @@ class EngineConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
+    # BatchNorm statistics over every process's batch, not each process's own (torch's
+    # SyncBatchNorm: GPUs only); worth it when a process's batch is small.
+    sync_batchnorm: bool = False
     progress_bar: bool = True
     # Which weights a fold keeps (and predicts its OOF with): "last" = the final epoch (an
     # unbiased OOF for a fixed schedule, the default); "best" = the epoch of lowest val_loss,
@@ -654,6 +657,7 @@ def _train_fold(
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=precision,
+        sync_batchnorm=cfg.sync_batchnorm,
         gradient_clip_val=cfg.grad_clip or None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         callbacks=[checkpoint, history, *([ema] if ema else []), *callbacks],
@@ -702,7 +706,11 @@ def run_cross_validation(
     each returns the same result and only global rank 0 writes."""
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"engine.keep must be 'best' or 'last', got {cfg.keep!r}")
-    world_size(cfg)  # a mistyped engine.devices fails here, not after the first folds
+    processes = world_size(cfg)  # a mistyped engine.devices fails here, not after the first folds
+    if cfg.sync_batchnorm and processes > 1 and resolve_precision(cfg)[0] == "cpu":
+        raise ValueError(
+            "engine.sync_batchnorm needs GPUs: torch's SyncBatchNorm does not run on CPU"
+        )
     writer = is_global_zero()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

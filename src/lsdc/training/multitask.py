@@ -48,7 +48,7 @@ from lsdc.training.engine import (
     run_cross_validation,
     weighted_class_prior,
 )
-from lsdc.training.losses import LossConfig, metric_loss
+from lsdc.training.losses import LossConfig, device_constant, masked_mean, metric_loss
 
 
 @dataclass
@@ -142,49 +142,46 @@ def keypoint_losses(
     out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], heatmap_target: str = "cell"
 ) -> dict[str, torch.Tensor]:
     """Masked keypoint terms: `keypoint_l1` (first pass), `refine_l1` (refined points, when the
-    model refines), `heatmap_ce` (heatmap head), `visibility`."""
+    model refines), `heatmap_ce` (heatmap head), `visibility`; each with `n_<term>`, the number
+    of keypoints (visibility: of crops' keypoints in studies with coordinates) it averages. A
+    term with none in the batch is 0 and still in the graph (`masked_mean`)."""
     pred, true = out.get("keypoints_first", out["keypoints"]).float(), batch["points"].float()
     valid = batch["point_mask"] & out["crop_present"]  # (B, 25)
-    terms: dict[str, torch.Tensor] = {}
-    zero = pred.sum() * 0.0
-    if bool(valid.any()):
-        terms["keypoint_l1"] = (pred - true).abs().sum(-1)[valid].mean()
-    else:
-        terms["keypoint_l1"] = zero
+    terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    terms["keypoint_l1"] = masked_mean((pred - true).abs().sum(-1), valid.float())
     if "keypoints_first" in out:
         refined = out["keypoints"].float()
-        terms["refine_l1"] = (
-            (refined - true).abs().sum(-1)[valid].mean() if bool(valid.any()) else zero
-        )
-    ce, count = zero, 0
+        terms["refine_l1"] = masked_mean((refined - true).abs().sum(-1), valid.float())
+    nlls, masks = [], []  # per keypoint of every crop with a heatmap
     for g in GROUPS:
         hm = out.get(f"heatmaps_{g.name}")
         if hm is None:
             continue
-        targets = torch.as_tensor(g.targets, device=hm.device)  # (n, K)
-        t = true[:, targets].flatten(0, 1)  # (B*n, K, 2)
-        m = valid[:, targets].flatten(0, 1)  # (B*n, K)
-        if not bool(m.any()):
-            continue
+        targets = device_constant(g.targets, hm.device, torch.long)  # (n, K)
+        points = true[:, targets].flatten(0, 2)  # (B*n*K, 2)
+        masks.append(valid[:, targets].flatten().float())  # (B*n*K,)
         h, w = hm.shape[-2:]
-        logits = hm.float().flatten(2)[m]  # (M, h*w)
+        logits = hm.float().flatten(0, 1).flatten(1)  # (B*n*K, h*w)
         if heatmap_target == "bilinear":
-            target = bilinear_cell_weights(t[m], h, w)
-            ce = ce - (target * logits.log_softmax(-1)).sum()
+            target = bilinear_cell_weights(points, h, w)
+            nlls.append(-(target * logits.log_softmax(-1)).sum(-1))
         else:
-            col = (t[..., 0] * w).long().clamp(0, w - 1)
-            row = (t[..., 1] * h).long().clamp(0, h - 1)
-            cell = row * w + col
-            ce = ce + F.cross_entropy(logits, cell[m], reduction="sum")
-        count += int(m.sum())
-    if count:
-        terms["heatmap_ce"] = ce / count
-    known = batch["has_coords"][:, None] & out["crop_present"]
-    if bool(known.any()):
-        terms["visibility"] = F.binary_cross_entropy_with_logits(
-            out["visibility"].float()[known], batch["point_mask"].float()[known]
-        )
-    return terms
+            col = (points[:, 0] * w).long().clamp(0, w - 1)
+            row = (points[:, 1] * h).long().clamp(0, h - 1)
+            nlls.append(F.cross_entropy(logits, row * w + col, reduction="none"))
+    if nlls:
+        terms["heatmap_ce"] = masked_mean(torch.cat(nlls), torch.cat(masks))
+    # Visibility is learnt only where the study has coordinates: elsewhere an unknown point is
+    # not an invisible one.
+    known = (batch["has_coords"][:, None] & out["crop_present"]).float()
+    bce = F.binary_cross_entropy_with_logits(
+        out["visibility"].float(), batch["point_mask"].float(), reduction="none"
+    )
+    terms["visibility"] = masked_mean(bce, known)
+    return {
+        **{name: v for name, (v, _) in terms.items()},
+        **{f"n_{name}": n.detach() for name, (_, n) in terms.items()},
+    }
 
 
 def multitask_loss(
@@ -193,19 +190,21 @@ def multitask_loss(
     cfg: MultitaskLossConfig,
     severity: LossConfig,
 ) -> dict[str, torch.Tensor]:
-    """The training loss (module docstring): dict with `loss` and every term, detached."""
+    """The training loss (module docstring): dict with `loss`, every term (detached) and the
+    keypoint terms' `n_<term>`. Every term enters the graph whatever the batch holds (a zero
+    weight or an empty term adds 0): under DDP each parameter behind a term must take part in
+    every step's backward pass."""
     labels = batch["labels"]
     main = metric_loss(out["logits"], labels, severity)
     total = main["loss"]
     terms = {"severity": main["loss"].detach()}
-    if "logits_first" in out and cfg.first_weight:
-        first = metric_loss(out["logits_first"], labels, severity)["loss"]
-        total = total + cfg.first_weight * first
-        terms["severity_first"] = first.detach()
-    if "logits_second" in out and cfg.second_weight:
-        second = metric_loss(out["logits_second"], labels, severity)["loss"]
-        total = total + cfg.second_weight * second
-        terms["severity_second"] = second.detach()
+    # Each pass alone, even at weight 0: with combine="second" the first pass's heads reach
+    # the loss only through this term.
+    for name, weight in (("first", cfg.first_weight), ("second", cfg.second_weight)):
+        if f"logits_{name}" in out:
+            value = metric_loss(out[f"logits_{name}"], labels, severity)["loss"]
+            total = total + weight * value
+            terms[f"severity_{name}"] = value.detach()
     weights = {
         "keypoint_l1": cfg.keypoint_weight,
         "heatmap_ce": cfg.heatmap_weight,
@@ -213,7 +212,8 @@ def multitask_loss(
         "refine_l1": cfg.refine_weight,
     }
     for name, value in keypoint_losses(out, batch, cfg.heatmap_target).items():
-        total = total + weights[name] * value
+        if name in weights:
+            total = total + weights[name] * value
         terms[name] = value.detach()
     return {"loss": total, **terms}
 
