@@ -3,6 +3,11 @@ precision, several processes), on the CPU at a tiny size, then `predict` (issue 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from lsdc.pipeline import _engine, make_plan, rehearsal
@@ -31,25 +36,34 @@ def test_a_preset_of_one_process_rehearses_in_one_process():
 
 
 @pytest.mark.slow
-def test_the_gpu_preset_rehearses_every_stage_then_predicts(tmp_path, capsys):
+def test_the_gpu_preset_rehearses_every_stage_then_predicts(tmp_path):
     """Both families with 2 persistent loader workers, bf16 autocast and 2 processes over gloo,
-    then a valid submission from `predict` through the same paths."""
-    from lsdc.cli import main
+    then a valid submission from `predict` through the same paths. A real command line:
+    Lightning's launcher starts the second process by running it again."""
     from lsdc.inference.submission import validate_submission_file
     from lsdc.synth import generate_dataset
 
     data = generate_dataset(
-        tmp_path / "data", train_studies=8, test_studies=2, size=64, seed=9, progress=False
-    )
+        tmp_path / "data", train_studies=10, test_studies=2, size=64, seed=3,
+        coords_fraction=1.0, progress=False,
+    )  # fmt: skip
     runs = tmp_path / "runs"
-    try:
-        main(["fit", str(data), "--out", str(runs), "--preset", "gpu", "--rehearse"])
-    except SystemExit as exc:
-        assert not exc.code
-    out = capsys.readouterr().out
-    assert "exercised: multitask: 2 persistent loader workers" in out
-    assert "2 processes over gloo" in out
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lsdc", "fit", str(data), "--out", str(runs), "--preset", "gpu",
+         "--rehearse"],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exercised: multitask: 2 persistent loader workers" in proc.stdout
+    assert proc.stdout.count("2 processes over gloo") == 2  # both families
     sub = runs / "rehearsal-submission.csv"
     assert validate_submission_file(sub, data / "test_series_descriptions.csv") == []
     log = (runs / "fit.log").read_text()
     assert "bfloat16 Automatic Mixed Precision" in log
+    assert log.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # each family
