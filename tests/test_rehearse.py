@@ -66,4 +66,5 @@ def test_the_gpu_preset_rehearses_every_stage_then_predicts(tmp_path):
     assert validate_submission_file(sub, data / "test_series_descriptions.csv") == []
     log = (runs / "fit.log").read_text()
     assert "bfloat16 Automatic Mixed Precision" in log
-    assert log.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # each family
+    # The second process joins once; both families train in the one process group.
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
