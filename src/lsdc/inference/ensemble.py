@@ -35,8 +35,7 @@ from lsdc.inference.calibration import (
     fit_calibration,
     initial_simplex,
 )
-from lsdc.metrics import score_arrays
-from lsdc.training.losses import GROUP_TARGETS
+from lsdc.metrics import GROUP_TARGETS, score_arrays
 
 ENSEMBLE_FORMAT = 1
 # Both fits add SHRINK / n * |params|^2 (weight logits; log temperature and scale): on a few

@@ -10,7 +10,7 @@ import pandas as pd
 
 from lsdc.constants import SEVERITY_INDEX
 from lsdc.fileio import atomic_write_text
-from lsdc.training.losses import GROUP_TARGETS
+from lsdc.metrics import GROUP_TARGETS
 
 FOLDS_FILE = "folds.csv"
 

@@ -17,32 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lsdc.constants import (
-    CONDITION_GROUP,
-    CONDITIONS,
-    LEVELS,
-    METRIC_GROUPS,
-    SEVERITY_INDEX,
-    SEVERITY_WEIGHTS,
-)
+from lsdc.constants import SEVERITY_INDEX, SEVERITY_WEIGHTS
+from lsdc.metrics import GROUP_TARGETS
 
 _SEVERE = SEVERITY_INDEX["Severe"]
-# Target indices (condition-major, as TARGETS) of each metric group.
-GROUP_TARGETS: dict[str, list[int]] = {
-    g: [
-        ci * len(LEVELS) + li
-        for ci, c in enumerate(CONDITIONS)
-        if CONDITION_GROUP[c] == g
-        for li in range(len(LEVELS))
-    ]
-    for g in METRIC_GROUPS
-}
 
 
 def _as_slice(index: Sequence[int]) -> slice:
     """A contiguous run of indices as a slice: a list index is host data that a GPU must copy
     over (and wait for) before it can gather; a slice is a view."""
-    if list(index) != list(range(index[0], index[-1] + 1)):
+    index = [int(i) for i in index]
+    if index != list(range(index[0], index[-1] + 1)):
         raise ValueError(f"not a contiguous run of indices: {index}")
     return slice(index[0], index[-1] + 1)
 
