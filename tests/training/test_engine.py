@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -332,3 +333,22 @@ def test_sync_batchnorm_reaches_the_trainer_and_is_refused_on_cpu_processes(
     with pytest.raises(ValueError, match="sync_batchnorm needs GPUs"):
         run_cross_validation(tmp_path / "cpu", sequence_task(cache, cfg), cfg.engine)
     assert not (tmp_path / "cpu").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs g++")
+def test_a_compiled_model_trains_and_saves_the_same_weight_names(toy_sequence_cache, tmp_path):
+    """engine.compile=true (torch.compile, inductor on the CPU here): one fold trains, and its
+    saved weights load into a plain model."""
+    from lsdc.models.registry import build_model
+    from lsdc.training.engine import load_model_weights
+
+    cache = toy_sequence_cache(n_studies=4, size=32)
+    run = tmp_path / "run"
+    train_sequence(
+        cache, run, folds=2, epochs=1,
+        overrides=[*TINY, "engine.compile=true", "engine.train_folds=[0]"],
+    )  # fmt: skip
+    info = json.loads((run / "run.json").read_text())
+    plain = build_model(info["model_name"], **info["model_kwargs"])
+    load_model_weights(plain, run / "fold0" / "model.safetensors")

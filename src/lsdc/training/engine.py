@@ -89,6 +89,9 @@ class EngineConfig:
     # BatchNorm statistics over every process's batch, not each process's own (torch's
     # SyncBatchNorm: GPUs only); worth it when a process's batch is small.
     sync_batchnorm: bool = False
+    # torch.compile the model in place (nn.Module.compile: the weights keep their names, so
+    # checkpoints and saved weights are the same as without). Tested on CPU (inductor, gcc).
+    compile: bool = False
     progress_bar: bool = True
     # Which weights a fold keeps (and predicts its OOF with): "last" = the final epoch (an
     # unbiased OOF for a fixed schedule, the default); "best" = the epoch of lowest val_loss,
@@ -645,6 +648,8 @@ def _train_fold(
     if task.init_model is not None:
         row = {int(s): i for i, s in enumerate(task.study_ids)}
         task.init_model(model, task.labels[[row[int(s)] for s in train_ids]])
+    if cfg.compile:
+        model.compile()
     lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs, task.mirror_batch)
     accel, precision = resolve_precision(cfg)
     checkpoint = _checkpoint_callback(ckpt_dir)
