@@ -286,3 +286,27 @@ def test_grid_pooled_window_encoder_tells_where_a_feature_lies():
     # The grid part tells the top of the window from the bottom, cell by cell.
     ga, gb = a[0, 128:].reshape(8, 4, 4), b[0, 128:].reshape(8, 4, 4)
     assert not torch.allclose(ga, gb)
+
+
+def test_windows_are_sampled_in_place_as_from_a_copy_per_window():
+    """Each source's K windows come from one grid over it (no K copies of the source), and match
+    sampling one copy of the source per window."""
+    import torch.nn.functional as F
+
+    from lsdc.models.multitask import window_grid
+
+    torch.manual_seed(0)
+    model = build_model("multitask", **TINY, upsample="none").eval()
+    n, k = 3, 5
+    fine = torch.rand(n, 3, 40, 48)
+    hw = torch.tensor([[40, 48], [30, 44], [36, 20]])
+    centres = torch.rand(n, k, 2)
+    got = model.windows_at("sagittal", fine, hw, centres)
+    wh = hw.flip(-1).float()
+    scale = torch.stack([wh[:, 0] / 48, wh[:, 1] / 40], dim=-1)
+    px = got.shape[-1]
+    grid = window_grid(
+        centres.reshape(n * k, 2), model.windows["sagittal"], px, scale.repeat_interleave(k, 0)
+    )
+    want = F.grid_sample(fine.repeat_interleave(k, 0), grid, align_corners=False)
+    torch.testing.assert_close(got, want)

@@ -349,8 +349,12 @@ class MultitaskModel(nn.Module):
             px,
             scale.repeat_interleave(k, dim=0),
         )
-        src = fine.repeat_interleave(k, dim=0)
-        win = F.grid_sample(src, grid.to(src.dtype), align_corners=False, padding_mode="zeros")
+        # A source's K windows stacked down one grid (N, K * px, px): each source is read in
+        # place, never copied K times (about 190 MB a sagittal batch at the gpu preset's size).
+        grid = grid.reshape(n, k * px, px, 2).to(fine.dtype)
+        win = F.grid_sample(fine, grid, align_corners=False, padding_mode="zeros")
+        c = win.shape[1]
+        win = win.reshape(n, c, k, px, px).transpose(1, 2).reshape(n * k, c, px, px)
         if not upsampled:
             return win
         if self.upsample_mode == "bicubic":
