@@ -76,7 +76,7 @@ def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
 
     data = tmp_path / "data"
     (data / "train_images" / "1").mkdir(parents=True)
-    (data / "train.csv").write_text("study_id,x\n1,a\n")
+    (data / "train.csv").write_text("study_id,x\n1,a\n2,a\n")
     runs = tmp_path / "runs"
     runs.mkdir()
     plan = make_plan("tiny")
@@ -85,8 +85,11 @@ def test_a_runs_folder_refuses_to_resume_on_other_training_data(tmp_path):
     (runs / FIT_FILE).write_text(json.dumps({"started": ["relevance"]}))
     _check_plan(runs, plan)  # the same data resumes
 
-    (data / "train.csv").write_text("study_id,x\n1,b\n")
-    (data / "train_images" / "2").mkdir()
+    (data / "train_images" / "9").mkdir()  # unnamed by the tables: trains nothing
+    plan.data = data_fingerprint(data)
+    _check_plan(runs, plan)
+    (data / "train.csv").write_text("study_id,x\n1,b\n2,a\n")
+    (data / "train_images" / "2").mkdir()  # a named study's images arrive
     plan.data = data_fingerprint(data)
     with pytest.raises(
         ValueError,

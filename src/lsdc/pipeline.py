@@ -515,16 +515,23 @@ class FitReport:
 
 
 def data_fingerprint(data: Path) -> dict[str, Any]:
-    """What a fit's training data is, cheaply: each training table's SHA-256 and the list of
-    study folders. Files inside a study are left to the caches' own fingerprints, which rebuild
-    a study whose files changed."""
-    tables = {}
+    """What a fit's training data is, cheaply: each training table's SHA-256 and which of the
+    studies the tables name have a folder (a stray unlisted, unlabelled folder trains nothing).
+    Files inside a study are left to the caches' own fingerprints, which rebuild a study whose
+    files changed."""
+    import csv
+
+    tables, named = {}, set()
     for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
         path = data / name
         if path.is_file():
-            tables[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            blob = path.read_bytes()
+            tables[name] = hashlib.sha256(blob).hexdigest()[:16]
+            rows = csv.DictReader(blob.decode("utf-8-sig", errors="replace").splitlines())
+            named |= {str(r.get("study_id", "")).strip() for r in rows}
     images = data / "train_images"
-    studies = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    on_disk = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
+    studies = sorted(on_disk & named)
     return {
         "tables": tables,
         "studies": len(studies),
