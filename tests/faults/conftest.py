@@ -69,6 +69,19 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def runs_copy(fitted: Path, tmp_path: Path) -> Path:
+    """A private copy of the fitted runs folder (without its caches and checkpoints), free to
+    damage."""
+    return Path(
+        shutil.copytree(
+            fitted / "runs",
+            tmp_path / "runs",
+            ignore=shutil.ignore_patterns("cache", "checkpoints"),
+        )
+    )
+
+
+@pytest.fixture
 def data(phantom: Path, tmp_path: Path) -> Path:
     """A private copy of the phantom, free to damage."""
     return Path(shutil.copytree(phantom, tmp_path / "data"))

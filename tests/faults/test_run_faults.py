@@ -19,16 +19,6 @@ from lsdc.inference.submission import validate_submission_file
 from lsdc.pipeline import predict
 
 
-def _runs_copy(fitted: Path, tmp_path: Path) -> Path:
-    return Path(
-        shutil.copytree(
-            fitted / "runs",
-            tmp_path / "runs",
-            ignore=shutil.ignore_patterns("cache", "checkpoints"),
-        )
-    )
-
-
 def _quiet(_: str) -> None:
     pass
 
@@ -94,9 +84,9 @@ def test_a_reused_work_folder_never_returns_stale_predictions(
     ["no_plan", "no_ensemble", "truncated_weights", "missing_fold_weights"],
 )
 def test_a_damaged_runs_folder_is_named_before_any_work(
-    fitted: Path, tmp_path: Path, damage: str
+    runs_copy: Path, fitted: Path, tmp_path: Path, damage: str
 ) -> None:
-    runs = _runs_copy(fitted, tmp_path)
+    runs = runs_copy
     weights = runs / "sequence" / "fold0" / "model.safetensors"
     expected: tuple[type[Exception], Path, str]
     if damage == "no_plan":

@@ -27,16 +27,6 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _runs_copy(fitted: Path, tmp_path: Path) -> Path:
-    return Path(
-        shutil.copytree(
-            fitted / "runs",
-            tmp_path / "runs",
-            ignore=shutil.ignore_patterns("cache", "checkpoints"),
-        )
-    )
-
-
 def _overwrite_middle(path: Path, size: int = 4096) -> None:
     """`size` bytes of 0xff in the middle of `path`: the damage a safetensors header misses."""
     data = bytearray(path.read_bytes())
@@ -67,11 +57,11 @@ def _predict_error(fitted: Path, runs: Path, tmp_path: Path, capsys: pytest.Capt
 
 @pytest.mark.slow
 def test_overwritten_weights_fail_predict_before_preprocessing(
-    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    runs_copy: Path, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     # The case that changed probabilities by up to 0.13 without a word: a valid header, 4 KB of
     # tensor data overwritten.
-    runs = _runs_copy(fitted, tmp_path)
+    runs = runs_copy
     weights = runs / "multitask" / "fold1" / "model.safetensors"
     _overwrite_middle(weights)
     line = _predict_error(fitted, runs, tmp_path, capsys)
@@ -80,11 +70,11 @@ def test_overwritten_weights_fail_predict_before_preprocessing(
 
 @pytest.mark.slow
 def test_non_finite_weights_are_named_with_their_tensor(
-    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    runs_copy: Path, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from safetensors.torch import load_file, save_file
 
-    runs = _runs_copy(fitted, tmp_path)
+    runs = runs_copy
     weights = runs / "multitask" / "fold0" / "model.safetensors"
     state = load_file(str(weights))
     name = sorted(k for k, v in state.items() if v.is_floating_point() and k.endswith("weight"))[0]
@@ -100,11 +90,11 @@ def test_non_finite_weights_are_named_with_their_tensor(
 
 @pytest.mark.slow
 def test_weights_of_another_model_are_named(
-    fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    runs_copy: Path, fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     # The sequence model's weights, with their record, copied into a multitask fold: a
     # 312-line traceback from load_state_dict before.
-    runs = _runs_copy(fitted, tmp_path)
+    runs = runs_copy
     fold = runs / "multitask" / "fold0"
     for f in (runs / "sequence" / "fold0").glob("model.safetensors*"):
         shutil.copy(f, fold / f.name)
@@ -114,11 +104,13 @@ def test_weights_of_another_model_are_named(
 
 
 @pytest.mark.slow
-def test_weights_without_a_record_load_with_a_warning(fitted: Path, tmp_path: Path) -> None:
+def test_weights_without_a_record_load_with_a_warning(
+    runs_copy: Path, fitted: Path, tmp_path: Path
+) -> None:
     # A runs folder fitted before hashes were recorded still predicts, and says it is unchecked.
     from lsdc.inference.predictor import Predictor
 
-    runs = _runs_copy(fitted, tmp_path)
+    runs = runs_copy
     weights = runs / "sequence" / "fold1" / "model.safetensors"
     weights.with_name(weights.name + RECORD).unlink()
     with pytest.warns(UserWarning, match=f"{weights}: no SHA-256 recorded"):
