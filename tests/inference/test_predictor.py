@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,8 +67,9 @@ def test_a_run_trained_from_pretrained_weights_predicts_without_them(
     info["model_kwargs"].update(pretrained=True, pretrained_path="weights/gone.safetensors")
     (run / "run.json").write_text(json.dumps(info))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    moved = shutil.move(run, tmp_path / "elsewhere" / "run")  # the folder moved, too
     monkeypatch.chdir(tmp_path)  # the relative path resolves nowhere
-    pred = Predictor.from_run(run, device="cpu").predict_cache(cache)
+    pred = Predictor.from_run(moved, device="cpu").predict_cache(cache)
     assert pred.probs.shape == (2, 25, 3)
 
 
