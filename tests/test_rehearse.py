@@ -32,6 +32,7 @@ def test_a_preset_of_one_process_rehearses_in_one_process():
     r = rehearsal(make_plan("cpu"))
     assert not any("devices" in o for o in r.overrides)
     assert all("one process" in line for line in r.exercised[:2])
+    assert r.exercised[0].startswith("multitask: no loader workers, bf16 autocast")
     assert _engine(make_plan("cpu", overrides=r.overrides), "multitask").num_workers == 0
 
 

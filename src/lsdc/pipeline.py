@@ -895,8 +895,9 @@ def rehearsal(plan: Plan) -> Rehearsal:
                 f"{stage}.engine.num_nodes=1",
                 f"{stage}.engine.strategy=ddp",
             ]
+        loaders = f"{workers} persistent loader workers" if workers else "no loader workers"
         did.append(
-            f"{stage}: {workers} persistent loader workers"
+            f"{stage}: {loaders}"
             + (f" (the preset's {engine.num_workers})" if workers != engine.num_workers else "")
             + (", bf16 autocast" if mixed else f", precision {engine.precision}")
             + ", channels-last weights"
