@@ -365,9 +365,8 @@ def predict_submission(
     path = write_submission(build_submission(ids, probs), out_csv)
     coords = None
     if preds.keypoints is not None:
-        from lsdc.fileio import atomic_write_text
+        from lsdc.fileio import atomic_write_text, sibling_csv
 
-        out = Path(out_csv)
-        coords = Path(coordinates_out or out.with_name(f"{out.stem}_coordinates.csv"))
+        coords = Path(coordinates_out or sibling_csv(out_csv, "coordinates"))
         atomic_write_text(coords, coordinates_table(cache_dir, preds).to_csv(index=False))
     return SubmissionReport(Path(path), len(preds.study_ids), filled, coords)

@@ -392,10 +392,10 @@ def write_index(result: IndexResult, out: str | Path) -> tuple[Path, Path]:
     """Write the index CSV and `<stem>_problems.csv` next to it, atomically."""
     import pandas as pd
 
-    from lsdc.fileio import atomic_write_text
+    from lsdc.fileio import atomic_write_text, sibling_csv
 
     out = Path(out)
-    problems_out = out.with_name(f"{out.stem}_problems.csv")
+    problems_out = sibling_csv(out, "problems")
     atomic_write_text(out, index_to_frame(result.rows).to_csv(index=False, float_format="%.6g"))
     problems = pd.DataFrame([asdict(p) for p in result.problems], columns=["path", "reason"])
     atomic_write_text(problems_out, problems.to_csv(index=False))
