@@ -100,9 +100,8 @@ def test_contrast_from_timing() -> None:
     assert contrast_from_timing(s) == "T1"
     s = _series("a", "", echo_time=100.0, repetition_time=4000.0)
     assert contrast_from_timing(s) == "T2"
-    s = _series(
-        "a", "", echo_time=50.0, repetition_time=4000.0, inversion_time=160.0, scanning_sequence="IR"
-    )
+    timing = {"echo_time": 50.0, "repetition_time": 4000.0, "inversion_time": 160.0}
+    s = _series("a", "", scanning_sequence="IR", **timing)
     assert contrast_from_timing(s) == "STIR"
     assert contrast_from_timing(_series("a", "")) is None
 
