@@ -175,6 +175,29 @@ def test_weights_saved_with_both_keypoint_heads_still_load():
         heatmap.load_state_dict({**both, "bogus": torch.zeros(1)})
 
 
+def test_a_weights_file_with_both_keypoint_heads_loads_through_its_checks(tmp_path):
+    # The path `predict` takes: a runs folder trained before the unused head was left out held
+    # 4 tensors the name check called unexpected, and no such folder could predict.
+    from lsdc.fileio import CorruptFileError
+    from lsdc.models.weights import load_weights, save_weights
+
+    regression = build_model("multitask", **TINY, keypoint_head="regression")
+    heatmap = build_model("multitask", **TINY)
+
+    class Both(torch.nn.Module):  # what a model saved before then held
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {**regression.state_dict(), **heatmap.state_dict()}
+
+    path = save_weights(Both(), tmp_path / "model.safetensors")
+    fresh = build_model("multitask", **TINY)
+    load_weights(fresh, path)
+    for k, v in heatmap.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    other = build_model("multitask", **{**TINY, "hidden_dim": 24})
+    with pytest.raises(CorruptFileError, match="another shape"):
+        load_weights(other, path)
+
+
 def test_the_refiner_learns_to_place_a_bright_dot_inside_its_window():
     from lsdc.models.multitask import WindowRefiner
 

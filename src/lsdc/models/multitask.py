@@ -44,6 +44,8 @@ visibility (B, 25) logits; heatmaps_<group>
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,8 +162,7 @@ def _drop_unbuilt_keypoint_head(
 ) -> None:
     """Load-time pre-hook: drops the weights of the keypoint head the model does not build,
     which weights saved before it was left out still hold (never trained: no gradient)."""
-    unbuilt = prefix + ("regress." if module.keypoint_head == "heatmap" else "heatmap.")
-    for key in [k for k in state_dict if k.startswith(unbuilt)]:
+    for key in module.unbuilt_keys(state_dict, prefix):
         del state_dict[key]
 
 
@@ -288,6 +289,13 @@ class MultitaskModel(nn.Module):
         self.register_buffer(
             "right_axial", torch.as_tensor(right_axial, dtype=torch.long), persistent=False
         )
+
+    def unbuilt_keys(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
+        """The keys of `state` that belong to the keypoint head this model does not build
+        (weights saved before it was left out): loading drops them, and the check of a
+        weights file's tensor names (`lsdc.models.weights`) does not count them."""
+        unbuilt = prefix + ("regress." if self.keypoint_head == "heatmap" else "heatmap.")
+        return [k for k in state if k.startswith(unbuilt)]
 
     @torch.no_grad()
     def init_prior(self, log_prior: torch.Tensor) -> None:

@@ -75,8 +75,10 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 3) 
     """What keeps `state` from loading into `model` (missing or unexpected tensor names, other
     shapes), a few examples of each; None when it fits."""
     own = model.state_dict()
+    # Tensors the model's own load hook drops (a part it no longer builds) are not unexpected.
+    dropped = set(getattr(model, "unbuilt_keys", lambda s: [])(state))
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [k for k in state if k not in own and k not in dropped]
     shapes = [
         f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
         for k, v in own.items()
