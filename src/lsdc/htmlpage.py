@@ -15,11 +15,12 @@ from lsdc.fileio import atomic_write_bytes
 __all__ = ["FileNames", "esc", "figure", "pyplot", "save_figure"]
 
 
-def figure(png: str, caption: str) -> str:
+def figure(png: str, caption: str, *, css_class: str = "") -> str:
     """A `<figure>` showing `png` (a relative URL) with `caption` as alt text and caption."""
     src = html.escape(png, quote=True)
+    cls = f' class="{html.escape(css_class, quote=True)}"' if css_class else ""
     return (
-        f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+        f'<figure{cls}><img src="{src}" alt="{html.escape(caption, quote=True)}">'
         f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
