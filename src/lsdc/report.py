@@ -11,11 +11,8 @@ An input left out leaves its section out.
 
 from __future__ import annotations
 
-import html
-import io
 import json
 import math
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from lsdc.constants import METRIC_GROUPS, SEVERITIES
-from lsdc.fileio import atomic_write_bytes, atomic_write_text
+from lsdc.fileio import atomic_write_text
+from lsdc.htmlpage import FileNames, esc, figure, pyplot, save_figure
 from lsdc.metrics import SCORE_KEYS
 
 __all__ = ["keypoint_error_of", "write_report"]
@@ -94,9 +92,9 @@ def write_report(
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: picture for the report not found")
 
-    names = _FileNames()
-    parts = [f"<h1>{_esc(title)}</h1>"]
-    parts += [f'<p class="note">{_esc(n)}</p>' for n in notes]
+    names = FileNames()
+    parts = [f"<h1>{esc(title)}</h1>"]
+    parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
     parts.append(_scores_section(scores))
     atomic_write_text(out / "scores.json", json.dumps(scores, indent=2) + "\n")
 
@@ -114,18 +112,18 @@ def write_report(
         )
         for name, (labels, probs) in confusion.items():
             png = names.new(f"confusion-{name}")
-            _save(out / png, _confusion_figure(name, labels, probs))
-            parts.append(_figure(png, f"{name}: true vs predicted severity"))
+            save_figure(out / png, _confusion_figure(name, labels, probs))
+            parts.append(figure(png, f"{name}: true vs predicted severity"))
     if keypoint_error:
         png = names.new("keypoint-error")
-        _save(out / png, _keypoint_figure(keypoint_error))
+        save_figure(out / png, _keypoint_figure(keypoint_error))
         parts.append(_keypoint_section(keypoint_error, png))
     if pictures:
         parts.append("<h2>Predicted vs true points</h2>")
         for caption, path in pictures:
             png = names.new(f"picture-{Path(path).stem}")
             shutil.copyfile(path, out / png)
-            parts.append(_figure(png, caption))
+            parts.append(figure(png, caption))
     curves = [(name, Path(d) / "curves.png") for name, d in (run_dirs or {}).items()]
     curves = [(name, p) for name, p in curves if p.is_file()]
     if curves:
@@ -133,15 +131,15 @@ def write_report(
         for name, path in curves:
             png = names.new(f"curves-{name}")
             shutil.copyfile(path, out / png)
-            parts.append(_figure(png, f"{name}: loss and validation score per epoch, per fold"))
+            parts.append(figure(png, f"{name}: loss and validation score per epoch, per fold"))
     if stage_seconds:
         png = names.new("stage-times")
-        _save(out / png, _stage_figure(stage_seconds))
+        save_figure(out / png, _stage_figure(stage_seconds))
         parts.append(_stage_section(stage_seconds, png))
 
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         + "\n".join(parts)
         + "\n</body>\n</html>\n"
     )
@@ -179,8 +177,8 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
     ]
     if missing:
         text = ", ".join(f"{name} predicted {k}" for name, k in missing.items())
-        lines.append(f'<p class="note">Not every model predicted every study: {_esc(text)}.</p>')
-    head = "".join(f"<th>{_esc(_TERM_TITLES[k])}</th>" for k in SCORE_KEYS)
+        lines.append(f'<p class="note">Not every model predicted every study: {esc(text)}.</p>')
+    head = "".join(f"<th>{esc(_TERM_TITLES[k])}</th>" for k in SCORE_KEYS)
     lines.append(
         f"<table>\n<tr><th>model</th>{head}<th>× weighted prior</th><th>× prior</th>"
         "<th>gap closed</th></tr>"
@@ -193,7 +191,7 @@ def _scores_section(scores: Mapping[str, Any]) -> str:
         gap = row.get("gap_closed")
         by_weighted = row["score"] / weighted if weighted else None
         lines.append(
-            f'<tr class="{cls}"><td>{_esc(name)}</td>{cells}'
+            f'<tr class="{cls}"><td>{esc(name)}</td>{cells}'
             f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
             f'<td class="num">{_num(times, ".2f", "×")}</td>'
             f'<td class="num">{_percent(gap)}</td></tr>'
@@ -206,7 +204,7 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
     """Which model the ensemble keeps for each metric group, and whether that beats each one."""
     models = list(ens.get("models", []))
     weights = ens.get("weights", {})
-    head = "".join(f"<th>{_esc(m)}</th>" for m in models)
+    head = "".join(f"<th>{esc(m)}</th>" for m in models)
     lines = [
         "<h2>Ensemble</h2>",
         '<p class="note">Weight of each model per metric group (left and right share theirs), '
@@ -216,7 +214,7 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
     ]
     for group, row in weights.items():
         cells = "".join(f'<td class="num">{_num(row.get(m), ".2f")}</td>' for m in models)
-        lines.append(f"<tr><td>{_esc(group)}</td>{cells}</tr>")
+        lines.append(f"<tr><td>{esc(group)}</td>{cells}</tr>")
     lines.append("</table>")
     oof = ens.get("oof") or {}
     if oof.get("ensemble"):
@@ -233,9 +231,9 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
         )
         text = ", ".join(f"{m} {_num(s)}" for m, s in own.items() if s is not None)
         lines.append(
-            f'<p class="note">Out of fold, cross-fitted on {_esc(str(oof.get("studies", "")))} '
+            f'<p class="note">Out of fold, cross-fitted on {esc(str(oof.get("studies", "")))} '
             f"studies: the ensemble scores {_num(pool)} (each model with its own calibration: "
-            f"{_esc(text)}), so it {_esc(verdict)}.</p>"
+            f"{esc(text)}), so it {esc(verdict)}.</p>"
         )
     return "\n".join(lines)
 
@@ -251,7 +249,7 @@ def _oof_section(run_dirs: Mapping[str, str | Path]) -> str:
                 found.append((name, summary))
     if not found:
         return ""
-    head = "".join(f"<th>{_esc(_TERM_TITLES[k])}</th>" for k in SCORE_KEYS)
+    head = "".join(f"<th>{esc(_TERM_TITLES[k])}</th>" for k in SCORE_KEYS)
     lines = [
         "<h2>Cross-validation (out-of-fold, training studies)</h2>",
         '<p class="note">Each training study scored by the fold that did not train on it; the '
@@ -273,8 +271,8 @@ def _oof_section(run_dirs: Mapping[str, str | Path]) -> str:
             ratio = terms["score"] / prior["score"] if prior.get("score") else None
             by_weighted = terms["score"] / weighted["score"] if weighted.get("score") else None
             lines.append(
-                f"<tr><td>{_esc(name + suffix)}</td>"
-                f'<td class="num">{_esc(str(s.get("studies", "")))}</td>{cells}'
+                f"<tr><td>{esc(name + suffix)}</td>"
+                f'<td class="num">{esc(str(s.get("studies", "")))}</td>{cells}'
                 f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
                 f'<td class="num">{_num(ratio, ".2f", "×")}</td></tr>'
             )
@@ -285,8 +283,8 @@ def _oof_section(run_dirs: Mapping[str, str | Path]) -> str:
             by_weighted = base["score"] / weighted["score"] if weighted.get("score") else None
             by_prior = base["score"] / prior["score"] if prior.get("score") else None
             lines.append(
-                f'<tr class="baseline"><td>{_esc(name)}: {label}</td>'
-                f'<td class="num">{_esc(str(s.get("studies", "")))}</td>{cells}'
+                f'<tr class="baseline"><td>{esc(name)}: {label}</td>'
+                f'<td class="num">{esc(str(s.get("studies", "")))}</td>{cells}'
                 f'<td class="num">{_num(by_weighted, ".2f", "×")}</td>'
                 f'<td class="num">{_num(by_prior, ".2f", "×")}</td></tr>'
             )
@@ -304,12 +302,12 @@ def _keypoint_section(error: Mapping[str, Mapping[str, float]], png: str) -> str
     for series, stats in error.items():
         n = stats.get("n")
         lines.append(
-            f'<tr><td>{_esc(series)}</td><td class="num">{"" if n is None else int(n)}</td>'
+            f'<tr><td>{esc(series)}</td><td class="num">{"" if n is None else int(n)}</td>'
             f'<td class="num">{_num(stats.get("median"), ".1f")}</td>'
             f'<td class="num">{_num(stats.get("p90"), ".1f")}</td></tr>'
         )
     lines.append("</table>")
-    lines.append(_figure(png, "median and 90th percentile of the keypoint error per series type"))
+    lines.append(figure(png, "median and 90th percentile of the keypoint error per series type"))
     return "\n".join(lines)
 
 
@@ -322,25 +320,13 @@ def _stage_section(seconds: Mapping[str, float], png: str) -> str:
     for stage, s in [*seconds.items(), ("total", total)]:
         share = s / total if total else None
         lines.append(
-            f'<tr class="{"total" if stage == "total" else ""}"><td>{_esc(stage)}</td>'
+            f'<tr class="{"total" if stage == "total" else ""}"><td>{esc(stage)}</td>'
             f'<td class="num">{_num(s, ".1f")}</td><td class="num">{_num(s / 60, ".1f")}</td>'
             f'<td class="num">{_percent(share)}</td></tr>'
         )
     lines.append("</table>")
-    lines.append(_figure(png, "wall time of each stage"))
+    lines.append(figure(png, "wall time of each stage"))
     return "\n".join(lines)
-
-
-def _figure(png: str, caption: str) -> str:
-    src = html.escape(png, quote=True)
-    return (
-        f'<figure><img src="{src}" alt="{html.escape(caption, quote=True)}">'
-        f"<figcaption>{_esc(caption)}</figcaption></figure>"
-    )
-
-
-def _esc(text: str) -> str:
-    return html.escape(str(text), quote=False)
 
 
 def _finite_or_inf(x: Any) -> float:
@@ -361,44 +347,13 @@ def _percent(x: Any) -> str:
     return f"{100 * x:.0f}%"
 
 
-class _FileNames:
-    """Unique, URL-safe PNG file names from free-text model and picture names."""
-
-    def __init__(self) -> None:
-        self.used: set[str] = set()
-
-    def new(self, stem: str) -> str:
-        base = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "figure"
-        name, i = f"{base}.png", 2
-        while name in self.used:
-            name, i = f"{base}-{i}.png", i + 1
-        self.used.add(name)
-        return name
-
-
 # --- figures -------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(path: Path, fig) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _confusion_figure(name: str, labels: np.ndarray, probs: np.ndarray):
     from lsdc.evaluation import confusion_matrices
 
-    plt = _pyplot()
+    plt = pyplot()
     matrices = confusion_matrices(labels, probs)
     short = ["Normal/\nMild", "Moderate", "Severe"]
     fig, axes = plt.subplots(1, len(METRIC_GROUPS), figsize=(11, 3.8), constrained_layout=True)
@@ -422,7 +377,7 @@ def _confusion_figure(name: str, labels: np.ndarray, probs: np.ndarray):
 
 
 def _keypoint_figure(error: Mapping[str, Mapping[str, float]]):
-    plt = _pyplot()
+    plt = pyplot()
     series = list(error)
     x = np.arange(len(series))
     fig, ax = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
@@ -440,7 +395,7 @@ def _keypoint_figure(error: Mapping[str, Mapping[str, float]]):
 
 
 def _stage_figure(seconds: Mapping[str, float]):
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(seconds)
     values = [float(seconds[s]) for s in stages]
     minutes = max(values, default=0) >= 120  # long runs read better in minutes

@@ -18,6 +18,7 @@ from lsdc.io.dicom import (
     SeriesReadError,
     SliceReadError,
     read_header,
+    read_image,
     read_series,
 )
 from lsdc.io.dicomwrite import write_slice
@@ -92,6 +93,18 @@ def test_monochrome1_inverted(tmp_path, dicomfx):
     np.testing.assert_array_equal(s1.volume, expected)
     # Bright where MONOCHROME2 is dark, across slices (not per slice).
     assert s1.volume[0].mean() > s1.volume[-1].mean()
+
+
+def test_read_image_rescales_and_inverts_one_file(tmp_path, dicomfx):
+    w = dicomfx.write_series(tmp_path, rescale=(2.5, -100.0), photometric="MONOCHROME1", n=2)
+    header, pixels = read_image(w.folder / "2.dcm")
+    assert header.instance_number == 2 and pixels.dtype == np.float32
+    shown = w.stored[1] * 2.5 - 100.0
+    # Reflected within this image's own range: bright where the stored values are low.
+    np.testing.assert_allclose(pixels, shown.max() + shown.min() - shown, rtol=1e-6)
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(SliceReadError, match="empty.dcm"):
+        read_image(tmp_path / "empty.dcm")
 
 
 def test_mixed_slice_sizes_resampled_to_majority(tmp_path, dicomfx):

@@ -425,6 +425,22 @@ def _read_slice(path: Path) -> tuple[SliceHeader, np.ndarray]:
     return header, pixels
 
 
+def read_image(path: str | Path) -> tuple[SliceHeader, np.ndarray]:
+    """One image file on its own, for showing it: its header and float32 pixels (rows, cols)
+    with RescaleSlope/Intercept applied and MONOCHROME1 inverted. With no series around it, the
+    inversion reflects within the image's own range (`read_series` uses the series' range).
+    SliceReadError naming the file when it cannot be read."""
+    header, stored = _read_slice(Path(path))
+    pixels = stored.astype(np.float32)
+    if header.rescale_slope != 1.0:
+        pixels *= np.float32(header.rescale_slope)
+    if header.rescale_intercept != 0.0:
+        pixels += np.float32(header.rescale_intercept)
+    if header.photometric == "MONOCHROME1":
+        pixels = np.float32(pixels.min() + pixels.max()) - pixels
+    return header, pixels
+
+
 def _file_order(p: Path) -> tuple[int, str, str]:
     # Numeric stems (RSNA "<instance>.dcm") in numeric order, then anything else by name.
     return (len(p.stem), p.stem, p.name) if p.stem.isdigit() else (1 << 30, p.stem, p.name)
