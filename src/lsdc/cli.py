@@ -500,6 +500,62 @@ def predict_cmd(
         )
 
 
+@app.command("grade")
+def grade_cmd(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Folders, files or DICOMDIRs: a scanner or PACS export, any layout."),
+    ],
+    runs: Annotated[Path, typer.Option(help="Runs folder made by `lsdc fit`.")],
+    out: Annotated[Path, typer.Option(help="Folder for one sub-folder per study (created).")],
+    work: Annotated[
+        Path | None, typer.Option(help="Keep the caches here (default: a temporary folder).")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Parallel processes to read headers and preprocess.")
+    ] = 1,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present, with autocast), cpu, cuda or cuda:N.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Studies per model batch.")] = 8,
+    submission: Annotated[
+        Path | None, typer.Option(help="Also write the competition's submission CSV here.")
+    ] = None,
+    tta_flip: Annotated[bool, typer.Option(help="Average with the left/right mirror.")] = True,
+) -> None:
+    """Grade any lumbar MRI study: find the DICOM studies under INPUTS, identify their Sagittal
+    T1, Sagittal T2/STIR and Axial T2 series from the headers, and write per study
+    OUT/<StudyInstanceUID>/grades.json, report.html and sr.dcm, and OUT/grades.csv."""
+    from lsdc.grade.grading import grade
+
+    rep = grade(
+        inputs,
+        runs,
+        out,
+        work_dir=work,
+        workers=workers,
+        device=device,
+        batch_size=batch_size,
+        tta_flip=tta_flip,
+        submission=submission,
+        log=typer.echo,
+    )
+    for g in rep.graded:
+        used = ", ".join(
+            f"{s.series_type} = {s.description or s.series_instance_uid}"
+            for s in g.series
+            if s.used
+        )
+        typer.echo(f"{g.study_instance_uid} (study {g.study_id}): {used}")
+    typer.echo(f"{len(rep.graded)} studies graded -> {rep.out_dir} (summary: {rep.summary})")
+    if rep.submission is not None:
+        typer.echo(f"submission -> {rep.submission}")
+    for uid, why in rep.failed.items():
+        typer.echo(f"not graded: {uid}: {why}", err=True)
+    if rep.failed and not rep.graded:
+        raise typer.Exit(1)
+
+
 @app.command("fit")
 def fit_cmd(
     data_dir: Annotated[Path, typer.Argument(help="RSNA-format data folder (train split).")],

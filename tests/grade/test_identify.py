@@ -167,7 +167,12 @@ def test_headers_that_disagree_are_not_trusted() -> None:
     assert ident.missing == [SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2]
 
 
-def test_axial_blocks_are_merged_and_a_repeat_is_not() -> None:
+def test_axial_blocks_and_angled_stacks_are_merged_and_a_repeat_is_not() -> None:
+    tilted = (1.0, 0.0, 0.0, 0.0, 0.94, 0.34)  # a per-disc stack, 20 degrees off
+    angled = identify_study(
+        _study(_series("ax1", "AX T2", AX, n=10), _series("ax2", "AX T2", tilted, n=10))
+    )
+    assert _types(angled) == {"ax1": (AXIAL_T2, True), "ax2": (AXIAL_T2, True)}
     blocks = identify_study(
         _study(
             _series("ax1", "AX T2 L1-L3", AX, n=10, z0=0.0, number=4),

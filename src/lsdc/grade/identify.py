@@ -10,9 +10,10 @@ headers first, then from the image where the headers say nothing or disagree.
   study's two sagittal series; a lone axial acquisition is taken as the T2. Otherwise the
   series is skipped, named, with why. (An image fallback, the skew of the intensity along the
   vertebral column, did not tell the phantom's T1 from its T2 and is not used.)
-- Several candidates for one type: axial series that do not overlap along their normal are
-  blocks of one acquisition and are all used (the readers merge them); otherwise the one with
-  more slices, then the larger field of view, then the later series (a repeat) is used.
+- Several candidates for one type: axial stacks at other levels or angles (blocks, per-disc
+  stacks) are all used, as the competition's tables list them (the readers merge them); of a
+  repeat (same angle, 90% the same ground), and of several sagittal series of one type, the
+  one with more slices, then the larger field of view, then the later series is used.
 Every choice is written down with its reason (`SeriesChoice.reason`).
 """
 
@@ -250,16 +251,29 @@ def _choose(series_type: str, cands: list[_Candidate]) -> dict[_Candidate, str]:
     if len(cands) == 1:
         return {best: "used"}
     if series_type == AXIAL_T2:
-        # Blocks of one acquisition cover different levels: all are used, the readers merge them.
+        # Axial stacks at other levels or angles (blocks, per-disc stacks) are all used: the
+        # readers merge them and pick each level's slice, as for the competition's tables. Only
+        # a repeat (same angle, same ground) gives way to the larger one.
         kept = [best]
         for c in ranked[1:]:
-            lo, hi = _extent(c.series)
-            if all(_overlap((lo, hi), _extent(k.series)) < 0.5 for k in kept):
+            if not any(_repeats(c.series, k.series) for k in kept):
                 kept.append(c)
         if len(kept) > 1:
-            return {c: f"used: one of {len(kept)} axial blocks that do not overlap" for c in kept}
+            note = f"used: one of {len(kept)} axial stacks at other levels or angles (merged)"
+            return {c: note for c in kept}
     n, fov, _ = _size(best.series)
     return {best: f"used: most slices ({n}) and field of view of the {len(cands)} {series_type}"}
+
+
+def _repeats(a: FoundSeries, b: FoundSeries) -> bool:
+    """Whether `a` covers what `b` covers at the same angle: a repeat, not another block."""
+    from lsdc.geometry import slice_normal
+
+    oa, ob = a.first.orientation, b.first.orientation
+    if oa is None or ob is None:
+        return False
+    cos = abs(float(slice_normal(oa) @ slice_normal(ob)))
+    return cos > np.cos(np.radians(3.0)) and _overlap(_extent(a), _extent(b)) >= 0.9
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
