@@ -230,6 +230,17 @@ def test_dicomdir_lists_every_file_but_the_duplicate(dicomdir: Path) -> None:
         assert sum(r["duplicate"] == "1" for r in rows) == 1
 
 
+def test_export_is_byte_identical_for_any_workers(dicomdir: Path, tmp_path: Path) -> None:
+    again = generate_dataset(
+        tmp_path / "again", train_studies=2, test_studies=1, size=64, seed=48,
+        layout="scanner", dicomdir=True, workers=2, progress=False,
+    )  # fmt: skip
+    names = _files(dicomdir)
+    assert names == _files(again)
+    different = [n for n in names if (dicomdir / n).read_bytes() != (again / n).read_bytes()]
+    assert not different, different[:5]
+
+
 def test_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dicomdir"):
         generate_dataset(tmp_path / "a", dicomdir=True, **KW)
