@@ -144,6 +144,7 @@ def generate_dataset(
     n = train_studies + test_studies
     ids = study_ids(seed, n)
     tasks = []
+    is_scanner = layout == "scanner"
     # Scanner layout: which two studies of each export share a folder, which writes a duplicate.
     plans = {
         "train": scanner.plan_export(seed, train_studies, 0),
@@ -153,8 +154,7 @@ def generate_dataset(
         split = "train" if i < train_studies else "test"
         coin = np.random.default_rng([int(seed), i, 6]).random()
         mixed, dup = plans[split]
-        k = i if split == "train" else i - train_studies
-        is_scanner = layout == "scanner"
+        k = i if split == "train" else i - train_studies  # position in its split
         tasks.append(
             StudyTask(
                 str(out),
@@ -185,7 +185,7 @@ def generate_dataset(
     if failures:
         raise RuntimeError(f"{len(failures)} phantom studies failed:\n" + "\n".join(failures))
     write_tables(out, results)
-    if layout == "scanner":
+    if is_scanner:
         for code, split in enumerate(("train", "test")):
             rows = [
                 row
