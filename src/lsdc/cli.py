@@ -339,10 +339,33 @@ def synth_cmd(
     axial_series: Annotated[
         int, typer.Option(help="Axial series per study: 1 or 2; 0 = drawn (2 in ~15%).")
     ] = 0,
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="competition: {split}_images/<study_id>/<series_id>/<instance>.dcm, typed by "
+            "the descriptions CSVs. scanner: the same studies (pixels, geometry, UIDs) as a "
+            "PACS export under {split}_export/: names varying by study, two studies in one "
+            "folder, vendor descriptions and TR/TE/TI, a localiser series, one file written "
+            "twice; truth/{split}_export_manifest.csv lists every file. The CSVs and truth/ "
+            "are the same in both."
+        ),
+    ] = "competition",
+    dicomdir: Annotated[
+        bool,
+        typer.Option(
+            help="With --layout scanner: make each export a DICOM File-set with "
+            "{split}_export/DICOMDIR (pydicom then names the files "
+            "PTxxxxxx/STxxxxxx/SExxxxxx/IMxxxxxx; the duplicate stays outside it)."
+        ),
+    ] = False,
 ) -> None:
-    """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers)."""
+    """Write a phantom RSNA-format dataset with known truth (truth/ holds the test answers),
+    in the competition's layout or as a scanner / PACS export (--layout scanner)."""
     from lsdc.synth import generate_dataset
 
+    if preview and layout != "competition":
+        # The preview reads the study back through lsdc.io's competition-layout reader.
+        raise typer.BadParameter("--preview needs --layout competition")
     out = generate_dataset(
         out_dir,
         train_studies=train_studies,
@@ -354,8 +377,12 @@ def synth_cmd(
         axial_flip=axial_flip,
         axial_slices=axial_slices,
         axial_series=axial_series,
+        layout=layout,
+        dicomdir=dicomdir,
     )
     typer.echo(f"wrote {train_studies} train + {test_studies} test studies to {out}")
+    if layout == "scanner":
+        typer.echo(f"scanner export: files listed in {out / 'truth'}/<split>_export_manifest.csv")
     if preview:
         from lsdc.synth import study_ids
         from lsdc.synth.preview import render_preview

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -25,6 +27,23 @@ _UID_ROOT = "1.2.826.0.1.3680043.10.1519."
 def deterministic_uid(*parts: object) -> UID:
     """A valid UID derived from `parts` (same parts -> same UID)."""
     return generate_uid(prefix=_UID_ROOT, entropy_srcs=[str(p) for p in parts])
+
+
+# Elements `extra` may not set: they must agree with the file meta or the pixel data written here.
+_RESERVED = frozenset(
+    {
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "SamplesPerPixel",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    }
+)
 
 
 def _ds_number(value: float) -> str:
@@ -53,13 +72,17 @@ def write_slice(
     frame_of_reference_uid: str | None = None,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one MR slice. `pixels` (rows, cols) integer array stored as-is (uint16 or int16).
 
     `position` is ImagePositionPatient (LPS mm of the centre of the first transmitted pixel),
     `orientation` ImageOrientationPatient (row cosines then column cosines), `pixel_spacing`
     (row spacing, column spacing) in DICOM order. `transfer_syntax` other than explicit little
-    endian compresses with pydicom's encoders (e.g. RLE Lossless). Written atomically.
+    endian compresses with pydicom's encoders (e.g. RLE Lossless). `extra` adds or replaces
+    header elements, DICOM keyword -> value (e.g. {"EchoTime": 12.0, "ImageType": [...]});
+    the UIDs of the instance and the pixel module's elements cannot be set that way. Written
+    atomically.
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 2:
@@ -68,6 +91,12 @@ def write_slice(
         raise ValueError(f"pixels must be uint16 or int16, got {pixels.dtype}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"unsupported photometric interpretation {photometric!r}")
+    extra = dict(extra or {})
+    for keyword in extra:
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"extra: {keyword!r} is not a DICOM keyword")
+        if keyword in _RESERVED:
+            raise ValueError(f"extra: {keyword} is set by write_slice itself")
 
     study_uid = study_uid or deterministic_uid("study", study_id)
     series_uid = series_uid or deterministic_uid("series", study_id, series_id)
@@ -110,6 +139,8 @@ def write_slice(
     ds.HighBit = 15
     ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
 
     if transfer_syntax is not None and UID(transfer_syntax) != ExplicitVRLittleEndian:
         ds.compress(UID(transfer_syntax), pixels)

@@ -32,7 +32,7 @@ from lsdc.synth.anatomy import LEVEL_DISC, SpineParams, SpinePhantom, sample_par
 from lsdc.synth.labels import narrowing_for, sample_labels
 
 # Random stream purposes (the third seed word); never reorder, outputs depend on them.
-_LABELS, _NARROW, _ANATOMY, _PROTOCOL, _NOISE, _IDS, _COORDS = range(7)
+_LABELS, _NARROW, _ANATOMY, _PROTOCOL, _NOISE, _IDS, _COORDS, _EXPORT = range(8)
 
 # Which landmark (anatomy.SpinePhantom.landmarks key) each condition's coordinate points at.
 CONDITION_LANDMARK = {
@@ -165,10 +165,14 @@ class StudyTask:
     axial_flip: str = "none"
     axial_slices: int = 0
     axial_series: int = 0
+    layout: str = "competition"  # competition | scanner (see synth.scanner)
+    mix_folder: str = ""  # scanner: the folder this study shares with another one
+    duplicate: bool = False  # scanner: write one file of this study twice
 
 
 def make_study(task: StudyTask) -> dict:
-    """Render and write one study's DICOM files; return its table rows and truth record."""
+    """Render and write one study's DICOM files; return its table rows and truth record
+    (and, in the scanner layout, its export manifest rows under "export")."""
     study = build_study(
         task.seed,
         task.index,
@@ -178,14 +182,33 @@ def make_study(task: StudyTask) -> dict:
         axial_series=task.axial_series,
     )
     volumes = render_study(study, task.seed, task.index)
-    root = Path(task.out_dir) / f"{task.split}_images" / str(task.study_id)
     from lsdc.io.dicomwrite import write_slice
 
-    for spec, images in zip(study.specs, volumes, strict=True):
+    export = None
+    if task.layout == "scanner":
+        from lsdc.synth.scanner import ScannerStudy
+
+        export = ScannerStudy(
+            _rng(task.seed, task.index, _EXPORT),
+            task.study_id,
+            study.specs,
+            study.phantom,
+            task.size,
+            mix_folder=task.mix_folder,
+            duplicate=task.duplicate,
+        )
+        root = Path(task.out_dir) / f"{task.split}_export"
+    else:
+        root = Path(task.out_dir) / f"{task.split}_images" / str(task.study_id)
+
+    for j, (spec, images) in enumerate(zip(study.specs, volumes, strict=True)):
+        # The same pixels and geometry in both layouts; the scanner adds names and headers.
+        scan = None if export is None else export.series[j]
         for s in range(spec.num_slices):
             inst = int(spec.instance_numbers[s])
+            name = f"{spec.series_id}/{inst}.dcm" if scan is None else scan.paths[s]
             write_slice(
-                root / str(spec.series_id) / f"{inst}.dcm",
+                root / name,
                 to_stored(images[s], spec),
                 study_id=task.study_id,
                 series_id=spec.series_id,
@@ -195,10 +218,14 @@ def make_study(task: StudyTask) -> dict:
                 pixel_spacing=spec.grid(s)[2],
                 slice_thickness=spec.thickness,
                 spacing_between_slices=spec.spacing,
-                series_description=spec.series_type,
+                series_description=spec.series_type if scan is None else scan.description,
                 rescale_slope=spec.slope,
                 rescale_intercept=spec.intercept,
+                extra=None if scan is None else scan.headers,
             )
+    if export is not None:
+        export.write_localizer(root, _rng(task.seed, task.index, _EXPORT, 1))
+        export.write_duplicate(root)
     label_row = {
         t: (SEVERITIES[int(v)] if v >= 0 else "")
         for t, v in zip(TARGETS, study.labels, strict=False)
@@ -228,6 +255,7 @@ def make_study(task: StudyTask) -> dict:
         "with_coords": task.with_coords,
         "descriptions": [(task.study_id, s.series_id, s.series_type) for s in study.specs],
         "truth": truth,
+        "export": None if export is None else export.manifest(),
     }
 
 
