@@ -13,6 +13,31 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with `data` (10 train + 3 test phantom studies, 64 px, seed 3) and `runs`,
+    fitted on it once per session with `--preset tiny`, one epoch a model (fitting is the
+    expensive part); tests copy `runs` before damaging it."""
+    from lsdc.pipeline import fit
+    from lsdc.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("fitted")
+    generate_dataset(
+        root / "data", train_studies=10, test_studies=3, size=64, seed=3, progress=False
+    )
+    # The faults' `fit_tiny` resumes this folder with the same settings (its TINY_FIT).
+    epochs = ["multitask.engine.epochs=1", "sequence.engine.epochs=1"]
+    fit(
+        root / "data",
+        root / "runs",
+        preset="tiny",
+        overrides=epochs,
+        log=lambda _: None,
+        progress=False,
+    )
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: tiny convolutions run many times slower when two

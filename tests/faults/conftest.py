@@ -43,7 +43,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-# The fitted runs folder of the run and weights faults: `--preset tiny`, one epoch a model.
+# `--preset tiny`, one epoch a model: the settings of the shared `fitted` runs folder.
 TINY_FIT = ["multitask.engine.epochs=1", "sequence.engine.epochs=1"]
 
 
@@ -54,18 +54,6 @@ def fit_tiny(data: Path, runs: Path) -> list[str]:
     lines: list[str] = []
     fit(data, runs, preset="tiny", overrides=TINY_FIT, log=lines.append, progress=False)
     return lines
-
-
-@pytest.fixture(scope="session")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with `data` (10 train + 3 test phantom studies) and `runs`, fitted on it once
-    per session (fitting is the expensive part); tests copy `runs` before damaging it."""
-    root = tmp_path_factory.mktemp("faults_runs")
-    generate_dataset(
-        root / "data", train_studies=10, test_studies=3, size=64, seed=3, progress=False
-    )
-    fit_tiny(root / "data", root / "runs")
-    return root
 
 
 @pytest.fixture
