@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lsdc.cli import main
 from lsdc.constants import TARGETS
 from lsdc.grade.grading import ERROR_FILE, SUMMARY_CSV, grade, study_folder_name
 from lsdc.grade.sr import read_sr
@@ -35,7 +36,7 @@ def _quiet(_: str) -> None:
 
 @pytest.mark.slow
 def test_a_scanner_export_is_graded_as_predict_grades_the_competition_layout(
-    fitted: Path, exports: Path, tmp_path: Path
+    fitted: Path, exports: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lsdc.pipeline import predict
 
@@ -106,16 +107,16 @@ def test_a_scanner_export_is_graded_as_predict_grades_the_competition_layout(
         images = re.findall(r'<img[^>]*src="([^"]+)"', html)
         assert images and all((folder / src).is_file() for src in images)
 
-    # The same export behind a DICOMDIR, given as the DICOMDIR file alone: the same grades.
-    rep2 = grade(
-        [exports / "dicomdir" / "test_export" / "DICOMDIR"],
-        fitted / "runs",
-        tmp_path / "out2",
-        submission=tmp_path / "sub2.csv",
-        log=_quiet,
-        progress=False,
-    )
-    assert len(rep2.graded) == 3 and not rep2.failed
+    # The same export behind a DICOMDIR, given as the DICOMDIR file alone, through the command
+    # line: the same grades.
+    args = [str(exports / "dicomdir" / "test_export" / "DICOMDIR"), "--runs", str(fitted / "runs")]
+    args += ["--out", str(tmp_path / "out2"), "--submission", str(tmp_path / "sub2.csv")]
+    try:
+        main(["grade", *args])
+    except SystemExit as exc:
+        assert not exc.code
+    out = capsys.readouterr().out
+    assert "3 studies graded" in out and "Sagittal T1 = " in out
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "sub2.csv").sort_values("row_id").reset_index(drop=True), mine
     )

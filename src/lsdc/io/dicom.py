@@ -194,7 +194,7 @@ _NATIVE_LE = frozenset(
 )
 
 
-def _text(ds: pydicom.Dataset, tag: int) -> str | None:
+def raw_text(ds: pydicom.Dataset, tag: int) -> str | None:
     """The value of a string element as text (multi-values joined by backslash), or None."""
     elem = ds.get_item(tag)
     if elem is None:
@@ -214,7 +214,7 @@ def _text(ds: pydicom.Dataset, tag: int) -> str | None:
     return text or None
 
 
-def _ushort(ds: pydicom.Dataset, tag: int, little_endian: bool) -> int | None:
+def raw_ushort(ds: pydicom.Dataset, tag: int, little_endian: bool) -> int | None:
     """An US element (Rows, Columns, ...) without pydicom's conversion."""
     elem = ds.get_item(tag)
     if elem is None or elem.value is None:
@@ -248,7 +248,7 @@ def _number(text: str | None, default: float) -> float:
         return default
 
 
-def _free_text(ds: pydicom.Dataset, tag: int) -> str | None:
+def raw_free_text(ds: pydicom.Dataset, tag: int) -> str | None:
     """A free-text element (e.g. SeriesDescription). Plain ASCII is decoded directly (identical
     in every DICOM character set); anything else goes through pydicom's charset handling."""
     elem = ds.get_item(tag)
@@ -274,7 +274,7 @@ def _orientation_problem(o: np.ndarray) -> str | None:
     return None
 
 
-def _little_endian(ds: pydicom.Dataset) -> bool:
+def is_little_endian(ds: pydicom.Dataset) -> bool:
     encoding = getattr(ds, "original_encoding", None)
     if encoding is not None and encoding[1] is not None:
         return bool(encoding[1])
@@ -283,28 +283,28 @@ def _little_endian(ds: pydicom.Dataset) -> bool:
 
 def header_from_dataset(ds: pydicom.Dataset, path: Path) -> SliceHeader:
     """Extract and check the geometry/intensity header of one image; SliceReadError if unusable."""
-    little = _little_endian(ds)
-    frames = _text(ds, _T_FRAMES)
+    little = is_little_endian(ds)
+    frames = raw_text(ds, _T_FRAMES)
     if frames is not None and frames not in ("1",):
         raise SliceReadError(path, f"multi-frame file ({frames} frames) is not supported")
-    samples = _ushort(ds, _T_SAMPLES, little)
-    photometric = (_text(ds, _T_PHOTOMETRIC) or "MONOCHROME2").upper()
+    samples = raw_ushort(ds, _T_SAMPLES, little)
+    photometric = (raw_text(ds, _T_PHOTOMETRIC) or "MONOCHROME2").upper()
     if (samples or 1) != 1:
         raise SliceReadError(path, f"colour image ({photometric}, {samples} samples per pixel)")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise SliceReadError(path, f"unsupported PhotometricInterpretation {photometric}")
-    rows, cols = _ushort(ds, _T_ROWS, little), _ushort(ds, _T_COLS, little)
+    rows, cols = raw_ushort(ds, _T_ROWS, little), raw_ushort(ds, _T_COLS, little)
     if not rows or not cols:
         raise SliceReadError(path, "missing Rows/Columns")
-    position = _numbers(path, "ImagePositionPatient", _text(ds, _T_POSITION), 3)
-    orientation = _numbers(path, "ImageOrientationPatient", _text(ds, _T_ORIENTATION), 6)
+    position = _numbers(path, "ImagePositionPatient", raw_text(ds, _T_POSITION), 3)
+    orientation = _numbers(path, "ImageOrientationPatient", raw_text(ds, _T_ORIENTATION), 6)
     problem = _orientation_problem(orientation)
     if problem is not None:
         raise SliceReadError(path, problem)
-    spacing = _numbers(path, "PixelSpacing", _text(ds, _T_SPACING), 2)
+    spacing = _numbers(path, "PixelSpacing", raw_text(ds, _T_SPACING), 2)
     if np.any(spacing <= 0):
         raise SliceReadError(path, f"non-positive PixelSpacing {spacing.tolist()}")
-    instance = _text(ds, _T_INSTANCE)
+    instance = raw_text(ds, _T_INSTANCE)
     try:
         instance_number = int(float(instance)) if instance is not None else None
     except ValueError:
@@ -314,9 +314,9 @@ def header_from_dataset(ds: pydicom.Dataset, path: Path) -> SliceHeader:
         if not path.stem.isdigit():
             raise SliceReadError(path, f"missing or non-integer InstanceNumber {instance!r}")
         instance_number = int(path.stem)
-    description = _free_text(ds, _T_DESCRIPTION)
+    description = raw_free_text(ds, _T_DESCRIPTION)
     meta = getattr(ds, "file_meta", None)
-    ts = (_text(meta, _T_TRANSFER_SYNTAX) or "") if meta is not None else ""
+    ts = (raw_text(meta, _T_TRANSFER_SYNTAX) or "") if meta is not None else ""
     return SliceHeader(
         path=path,
         instance_number=instance_number,
@@ -325,13 +325,13 @@ def header_from_dataset(ds: pydicom.Dataset, path: Path) -> SliceHeader:
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         rows=int(rows),
         cols=int(cols),
-        slice_thickness=_number(_text(ds, _T_THICKNESS), math.nan),
-        spacing_between_slices=_number(_text(ds, _T_SPACING_BETWEEN), math.nan),
-        rescale_slope=_number(_text(ds, _T_SLOPE), 1.0),
-        rescale_intercept=_number(_text(ds, _T_INTERCEPT), 0.0),
+        slice_thickness=_number(raw_text(ds, _T_THICKNESS), math.nan),
+        spacing_between_slices=_number(raw_text(ds, _T_SPACING_BETWEEN), math.nan),
+        rescale_slope=_number(raw_text(ds, _T_SLOPE), 1.0),
+        rescale_intercept=_number(raw_text(ds, _T_INTERCEPT), 0.0),
         photometric=photometric,
         description=description,
-        series_uid=_text(ds, _T_SERIES_UID),
+        series_uid=raw_text(ds, _T_SERIES_UID),
         transfer_syntax=ts,
     )
 
@@ -385,8 +385,8 @@ def _native_pixels(ds: pydicom.Dataset, header: SliceHeader, little: bool) -> np
     when pydicom's decoder pipeline is needed (compressed, big-endian, odd bit depths)."""
     if header.transfer_syntax not in _NATIVE_LE or not little:
         return None
-    bits = _ushort(ds, _T_BITS_ALLOCATED, little)
-    signed = _ushort(ds, _T_PIXEL_REPRESENTATION, little) == 1
+    bits = raw_ushort(ds, _T_BITS_ALLOCATED, little)
+    signed = raw_ushort(ds, _T_PIXEL_REPRESENTATION, little) == 1
     if bits not in (8, 16, 32):
         return None
     elem = ds.get_item(_T_PIXEL_DATA)
@@ -410,7 +410,7 @@ def _read_slice(path: Path) -> tuple[SliceHeader, np.ndarray]:
     header = header_from_dataset(ds, path)
     if _T_PIXEL_DATA not in ds:
         raise SliceReadError(path, "no PixelData element (truncated file?)")
-    pixels = _native_pixels(ds, header, _little_endian(ds))
+    pixels = _native_pixels(ds, header, is_little_endian(ds))
     if pixels is None:
         try:
             # What `ds.pixel_array` runs, minus its caching bookkeeping (pixel-id hashing twice
