@@ -136,3 +136,36 @@ def test_an_output_folder_over_the_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     with pytest.raises(InputOverwriteError):
         grade([tmp_path / "in"], tmp_path / "runs", tmp_path / "in" / "out", log=_quiet)
+
+
+def test_staged_series_keep_their_files_names_and_warnings_name_the_users_files(
+    tmp_path: Path,
+) -> None:
+    from lsdc.grade.discover import discover
+    from lsdc.grade.grading import StagedStudy, _unstaged, stage
+    from lsdc.grade.identify import identify_study
+
+    for inst in (1, 2, 3):
+        write_slice(
+            tmp_path / "export" / "S1" / f"IM000{inst}",
+            np.full((8, 8), inst, np.uint16),
+            study_id=5,
+            series_id=1,
+            instance_number=inst,
+            position=(0.0, 0.0, 4.0 * inst),
+            orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+            pixel_spacing=(0.5, 0.5),
+            slice_thickness=4.0,
+            series_description="AX T2 TSE",
+        )
+    found = discover([tmp_path / "export"])
+    (study,) = found.studies.values()
+    st = StagedStudy(study, 5, identify_study(study))
+    stage([st], tmp_path / "staged")
+    folder = tmp_path / "staged" / "test_images" / "5"
+    (series_dir,) = folder.iterdir()
+    assert sorted(p.name for p in series_dir.iterdir()) == ["IM0001", "IM0002", "IM0003"]
+    said = _unstaged(f"multitask: file {series_dir / 'IM0002'} skipped (truncated)", st, found)
+    assert said == "multitask: file export/S1/IM0002 skipped (truncated)"
+    said = _unstaged(f"sequence: {series_dir}: unreadable", st, found)
+    assert said == "sequence: series AX T2 TSE: unreadable"

@@ -106,6 +106,18 @@ class Discovery:
     duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (copy, kept)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
     dicomdirs: list[Path] = field(default_factory=list)
+    roots: list[Path] = field(default_factory=list)  # the inputs, as given
+
+    def shown(self, path: Path) -> str:
+        """`path` as the user knows it: from the input folder that holds it (its name first), so
+        reports name files without this machine's absolute paths."""
+        for root in self.roots:
+            base = root if root.is_dir() else root.parent
+            try:
+                return str(Path(base.name) / path.relative_to(base))
+            except ValueError:
+                continue
+        return path.name
 
     def study_warnings(self, study_uid: str) -> list[str]:
         """The duplicates of this study's files, one line each."""
@@ -115,7 +127,8 @@ class Discovery:
             for f in s.files
         }
         return [
-            f"{copy}: a second copy of SOPInstanceUID {kept[orig]} (read once, from {orig})"
+            f"{self.shown(copy)}: a second copy of SOPInstanceUID {kept[orig]} (read once, "
+            f"from {self.shown(orig)})"
             for copy, orig in self.duplicates
             if orig in kept
         ]
@@ -245,7 +258,7 @@ def discover(
     """Every DICOM image under `inputs` (folders walked, DICOMDIRs followed), grouped by
     StudyInstanceUID and SeriesInstanceUID; each series' files by InstanceNumber, then path."""
     roots = [Path(p) for p in inputs]
-    found = Discovery()
+    found = Discovery(roots=roots)
     seen_paths: set[Path] = set()
     queue = []
     for p in _walk(roots):

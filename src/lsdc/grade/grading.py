@@ -47,6 +47,7 @@ class StagedStudy:
     identification: Identification
     series_of: dict[int, FoundSeries] = field(default_factory=dict)  # staged series id ->
     files: dict[tuple[int, int], FoundFile] = field(default_factory=dict)  # (series, instance)
+    links: dict[Path, FoundFile] = field(default_factory=dict)  # staged link -> its file
 
 
 @dataclass
@@ -81,8 +82,10 @@ def _numbers(studies: Sequence[FoundStudy]) -> dict[str, int]:
 
 
 def stage(studies: Sequence[StagedStudy], root: Path) -> Path:
-    """Lay the used series out as `root/test_images/<study>/<series>/<k>.dcm` (links to the
-    found files) with `root/test_series_descriptions.csv`; fills each study's maps."""
+    """Lay the used series out as `root/test_images/<study>/<series>/<file>` (links to the
+    found files, under their own names where those are unique in the series, so that what the
+    readers say names the user's files; else `<k>.dcm`) with
+    `root/test_series_descriptions.csv`; fills each study's maps."""
     rows = ["study_id,series_id,series_description"]
     images = root / "test_images"
     for st in studies:
@@ -94,9 +97,14 @@ def stage(studies: Sequence[StagedStudy], root: Path) -> Path:
             st.series_of[ser] = choice.series
             folder = images / str(st.number) / str(ser)
             folder.mkdir(parents=True, exist_ok=True)
-            for k, f in enumerate(choice.series.files, start=1):
-                os.symlink(f.path.resolve(), folder / f"{k}.dcm")
-                # The reader takes InstanceNumber from the header, else from the file name.
+            files = choice.series.files
+            names = [f.path.name for f in files]
+            # The reader takes InstanceNumber from the header, else from a numeric file name.
+            own = len(set(names)) == len(names) and all(f.instance_number for f in files)
+            for k, f in enumerate(files, start=1):
+                link = folder / (f.path.name if own else f"{k}.dcm")
+                os.symlink(f.path.resolve(), link)
+                st.links[link] = f
                 st.files[(ser, f.instance_number if f.instance_number is not None else k)] = f
             rows.append(f"{st.number},{ser},{choice.series_type}")
     atomic_write_text(root / "test_series_descriptions.csv", "\n".join(rows) + "\n")
@@ -143,6 +151,16 @@ def _keypoints(st: StagedStudy, coords) -> tuple[list[Keypoint], list[str]]:  # 
         )
     order = {t: i for i, t in enumerate(TARGETS)}
     return sorted(points, key=lambda k: order[k.target]), problems
+
+
+def _unstaged(text: str, st: StagedStudy, found: Discovery) -> str:
+    """A warning about the staged layout, naming the user's files and series instead."""
+    for link, f in st.links.items():
+        text = text.replace(str(link), found.shown(f.path))
+    for ser, series in st.series_of.items():
+        folder = str(next(iter(st.links)).parent.parent / str(ser))
+        text = text.replace(folder, f"series {series.first.description or series.uid}")
+    return text
 
 
 def study_folder_name(study_uid: str) -> str:
@@ -268,7 +286,7 @@ def grade(
                 kps, problems = _keypoints(st, coords[coords["study_id"] == st.number])
                 seen = [m for m, p in rep.model_probs.items() if np.isfinite(p[i]).all()]
                 warnings = [
-                    f"{w['model']}: {w['problem']}"
+                    _unstaged(f"{w['model']}: {w['problem']}", st, found)
                     for w in rep.warnings
                     if int(w["study_id"]) == st.number
                 ]
