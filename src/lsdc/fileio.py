@@ -332,3 +332,13 @@ def check_unlocked(path: str | Path, busy: str) -> None:
         raise LockHeldError(busy.format(pid=_holder(Path(path)))) from None
     finally:
         os.close(fd)
+
+
+def work_folder(stack: contextlib.ExitStack, work_dir: str | Path | None, prefix: str) -> Path:
+    """`work_dir`, created, when given (kept, for reuse); else a temporary folder that is removed
+    when `stack` closes."""
+    if work_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    return work

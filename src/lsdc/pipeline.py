@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +51,7 @@ from lsdc.fileio import (
     load_npz_meta,
     portable_text,
     sibling_csv,
+    work_folder,
 )
 from lsdc.interrupt import Interrupted
 from lsdc.parallel import LOCAL, Executor
@@ -1106,11 +1106,7 @@ def predict(
     ]
     seconds: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
-        if work_dir is None:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lsdc-predict-")))
-        else:
-            work = Path(work_dir)
-            work.mkdir(parents=True, exist_ok=True)
+        work = work_folder(stack, work_dir, "lsdc-predict-")
         probs, available, coords = [], [], None
         for name in ens.models:
             t0 = time.perf_counter()

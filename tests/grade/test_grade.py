@@ -136,6 +136,15 @@ def test_an_output_folder_over_the_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     with pytest.raises(InputOverwriteError):
         grade([tmp_path / "in"], tmp_path / "runs", tmp_path / "in" / "out", log=_quiet)
+    # A work folder among the inputs would be read as part of the export next time.
+    with pytest.raises(InputOverwriteError, match="work"):
+        grade(
+            [tmp_path / "in"],
+            tmp_path / "runs",
+            tmp_path / "out",
+            work_dir=tmp_path / "in" / "work",
+            log=_quiet,
+        )
 
 
 def test_staged_series_keep_their_files_names_and_warnings_name_the_users_files(

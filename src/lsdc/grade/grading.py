@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,12 @@ from lsdc.constants import (
     condition_from_title,
     level_from_title,
 )
-from lsdc.fileio import atomic_write_text, check_output_file, check_output_folder
+from lsdc.fileio import (
+    atomic_write_text,
+    check_output_file,
+    check_output_folder,
+    work_folder,
+)
 from lsdc.geometry import pixel_to_patient
 from lsdc.grade.discover import Discovery, FoundFile, FoundSeries, FoundStudy, discover
 from lsdc.grade.identify import Identification, identify_study
@@ -218,6 +222,8 @@ def grade(
     out = Path(out_dir)
     sources = [("input", Path(p)) for p in inputs] + [("runs folder", Path(runs_dir))]
     check_output_folder(out, sources)
+    if work_dir is not None:  # its caches and links must not be found as inputs next time
+        check_output_folder(work_dir, sources)
     if submission is not None:
         check_output_file(submission, sources)
     found = discover(inputs, workers=workers, progress=progress)
@@ -249,11 +255,7 @@ def grade(
     graded: list[StudyGrades] = []
     rep = None
     with contextlib.ExitStack() as stack:
-        if work_dir is None:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lsdc-grade-")))
-        else:
-            work = Path(work_dir)
-            work.mkdir(parents=True, exist_ok=True)
+        work = work_folder(stack, work_dir, "lsdc-grade-")
         if staged:
             data = work / "data"
             if data.exists():
