@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -204,7 +205,10 @@ def test_references_only_the_graded_study(case: Case) -> None:
 
 
 def test_dciodvfy_finds_no_errors(case: Case) -> None:
-    dciodvfy = shutil.which("dciodvfy")
+    # Installed beside this interpreter (dicom3tools' console script), which `make test` runs
+    # without putting the environment's bin folder on PATH.
+    beside = Path(sys.executable).parent / "dciodvfy"
+    dciodvfy = str(beside) if beside.is_file() else shutil.which("dciodvfy")
     if dciodvfy is None:
         pytest.fail(
             "dciodvfy not found: install the dev dependencies (pip install -e '.[dev]', which "
