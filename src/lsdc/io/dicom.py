@@ -360,9 +360,38 @@ def _open_dicom(path: Path, **kwargs: Any) -> pydicom.Dataset:
     except SliceReadError:
         raise
     except InvalidDicomError as exc:
-        raise SliceReadError(path, f"not a DICOM file ({exc})") from exc
+        bare = _bare_dataset(path, **kwargs)
+        if bare is None:
+            raise SliceReadError(path, f"not a DICOM file ({exc})") from exc
+        return bare
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
         raise SliceReadError(path, f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+_T_SOP_INSTANCE_UID = 0x00080018
+
+
+def _bare_dataset(path: Path, **kwargs: Any) -> pydicom.Dataset | None:
+    """A dataset written without the Part 10 preamble and file meta (older PACS and scanner
+    exports do this), or None when `path` is not one: it must name its SOP instance. Its
+    transfer syntax is the uncompressed little-endian encoding pydicom found, recorded in a
+    file meta of its own so that decoding needs nothing else."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(path, force=True, **kwargs)
+        if raw_text(ds, _T_SOP_INSTANCE_UID) is None:
+            return None
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+    except Exception:  # noqa: BLE001 - whatever it is, it is not a bare dataset we can read
+        return None
+    if little is False:
+        return None  # big-endian without a file meta: retired, and not worth guessing at
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
 
 
 def read_header(path: str | Path) -> SliceHeader:
