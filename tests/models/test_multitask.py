@@ -240,6 +240,29 @@ def test_refined_points_are_reported_and_trained(batch):
     assert model.refiner.net[0].weight.grad.abs().sum() > 0
 
 
+def test_the_refiner_heatmap_loss_puts_the_true_point_in_its_window(batch):
+    from lsdc.training.losses import LossConfig
+    from lsdc.training.multitask import MultitaskLossConfig, multitask_loss
+
+    model = build_model("multitask", **TINY, refine=True)
+    # Teacher-forced windows are centred on the true points: each lies at the window's centre.
+    forced = {**batch, "teacher": torch.ones(2, dtype=torch.bool)}
+    out = model(forced)
+    for g in GROUPS:
+        place = out[f"refine_windows_{g.name}"]
+        true = forced["points"][:, torch.as_tensor(g.targets)].flatten(0, 2)
+        known = forced["point_mask"][:, torch.as_tensor(g.targets)].flatten()
+        inside = (true - place[:, :2]) / (2 * place[:, 2:]) + 0.5
+        torch.testing.assert_close(inside[known], torch.full_like(inside[known], 0.5))
+    off = multitask_loss(out, forced, MultitaskLossConfig(), LossConfig())
+    on = multitask_loss(out, forced, MultitaskLossConfig(refine_heatmap_weight=2.0), LossConfig())
+    assert off["refine_ce"] > 0
+    torch.testing.assert_close(on["loss"], off["loss"] + 2.0 * off["refine_ce"])
+    model.zero_grad()
+    on["loss"].backward()
+    assert model.refiner.net[-1].weight.grad.abs().sum() > 0
+
+
 def test_teacher_forcing_moves_the_second_pass_to_the_true_points(batch):
     model = build_model("multitask", **TINY).eval()
     with torch.no_grad():

@@ -152,9 +152,12 @@ class WindowRefiner(nn.Module):
             nn.Conv2d(2 * width, 1, 1),
         )
 
+    def heatmap(self, windows: torch.Tensor) -> torch.Tensor:
+        """(M, C, P, P) windows -> (M, 1, P/2, P/2) logits of where the keypoint lies."""
+        return self.net((windows - PIXEL_MEAN) / PIXEL_STD)
+
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        x = (windows - PIXEL_MEAN) / PIXEL_STD
-        return soft_argmax(self.net(x))[:, 0]
+        return soft_argmax(self.heatmap(windows))[:, 0]
 
 
 def _drop_unbuilt_keypoint_head(
@@ -430,7 +433,18 @@ class MultitaskModel(nn.Module):
             )  # (B*n*K, 3, P, P)
             if self.second_pass and self.refiner is not None:
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
-                r = self.refiner(windows)  # (B*n*K, 2)
+                hm_r = self.refiner.heatmap(windows)  # (B*n*K, 1, p, p)
+                r = soft_argmax(hm_r)[:, 0]  # (B*n*K, 2)
+                # For a heatmap loss on the refiner (`loss.refine_heatmap_weight`): where each
+                # window lies, to put the true point into it.
+                out[f"refine_heatmaps_{g.name}"] = hm_r[:, 0]
+                out[f"refine_windows_{g.name}"] = torch.cat(
+                    [
+                        centres.reshape(-1, 2).float(),
+                        centres.new_full((b * n * k, 1), 1.0).float() * self.windows[g.name],
+                    ],
+                    dim=1,
+                )  # (B*n*K, 3): centre x/y and half side, crop units
                 refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * self.windows[g.name]
                 refined = refined.float().clamp(0, 1).reshape(b, n * k, 2)
                 refined_all.scatter_(1, flat_t[..., None].expand(-1, -1, 2), refined)

@@ -97,6 +97,10 @@ class MultitaskLossConfig:
     heatmap_target: str = "cell"
     visibility_weight: float = 0.1
     refine_weight: float = 5.0  # L1 of the refined points (model.refine), as keypoint_weight
+    # Cross-entropy of the refiner's heatmap against the true point's place in its window
+    # (bilinear target; points outside the window do not count). 0: the refiner learns only
+    # from the L1 of its soft-argmax, whose nearly flat maps hardly move the points.
+    refine_heatmap_weight: float = 0.0
 
 
 @dataclass
@@ -171,6 +175,22 @@ def keypoint_losses(
             nlls.append(F.cross_entropy(logits, row * w + col, reduction="none"))
     if nlls:
         terms["heatmap_ce"] = masked_mean(torch.cat(nlls), torch.cat(masks))
+    nlls, masks = [], []  # per refined keypoint whose true point lies in its window
+    for g in GROUPS:
+        hm = out.get(f"refine_heatmaps_{g.name}")
+        if hm is None:
+            continue
+        targets = device_constant(g.targets, hm.device, torch.long)
+        points = true[:, targets].flatten(0, 2)  # (B*n*K, 2) crop units
+        place = out[f"refine_windows_{g.name}"]
+        inside = (points - place[:, :2]) / (2 * place[:, 2:]) + 0.5  # window units
+        within = ((inside >= 0) & (inside <= 1)).all(-1)
+        masks.append((valid[:, targets].flatten() & within).float())
+        h, w = hm.shape[-2:]
+        target = bilinear_cell_weights(inside.clamp(0, 1), h, w)
+        nlls.append(-(target * hm.float().flatten(1).log_softmax(-1)).sum(-1))
+    if nlls:
+        terms["refine_ce"] = masked_mean(torch.cat(nlls), torch.cat(masks))
     # Visibility is learnt only where the study has coordinates: elsewhere an unknown point is
     # not an invisible one.
     known = (batch["has_coords"][:, None] & out["crop_present"]).float()
@@ -210,6 +230,7 @@ def multitask_loss(
         "heatmap_ce": cfg.heatmap_weight,
         "visibility": cfg.visibility_weight,
         "refine_l1": cfg.refine_weight,
+        "refine_ce": cfg.refine_heatmap_weight,
     }
     for name, value in keypoint_losses(out, batch, cfg.heatmap_target).items():
         if name in weights:
