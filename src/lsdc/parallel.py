@@ -179,6 +179,15 @@ def parallel_map(
             yield out
 
 
+def loader_context(num_workers: int) -> str | None:
+    """The start method of a torch DataLoader's worker processes: "forkserver" when it has
+    any. Forked from a training process (Lightning's, with its OpenMP and gloo threads), a
+    loader worker can block for ever on a lock another thread held at the fork: the rehearsal
+    of the gpu preset hung there, one rank waiting on its worker. The server forks from a clean
+    process; the datasets travel by pickle (their shared-memory epoch with them)."""
+    return "forkserver" if num_workers > 0 else None
+
+
 def _pool_map(
     fn: Callable[[T], R],
     items: list[T],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,7 @@ def write_study(result: StudyGrades, folder: Path, used: Sequence[FoundSeries]) 
     from lsdc.grade.sr import write_sr
 
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / ERROR_FILE).unlink(missing_ok=True)  # an earlier run's failure, graded now
     atomic_write_text(folder / "grades.json", json.dumps(result.to_dict(), indent=1) + "\n")
     write_study_report(result, folder)
     paths = sorted({k.source_path for k in result.keypoints})
@@ -259,8 +261,6 @@ def grade(
         if staged:
             data = work / "data"
             if data.exists():
-                import shutil
-
                 shutil.rmtree(data)  # the layout of an earlier run: series may have changed
             stage(staged, data)
             rep = predict(
@@ -318,9 +318,7 @@ def grade(
                     continue
                 graded.append(result)
             if submission is not None:
-                import shutil
-
-                shutil.copyfile(rep.path, submission)
+                atomic_write_text(submission, Path(rep.path).read_text())
     for uid, why in failed.items():
         folder = out / study_folder_name(uid)
         folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lsdc.inference.calibration import CALIBRATION_FILE, Calibration, apply_calibration
+from lsdc.parallel import loader_context
 
 
 @dataclass
@@ -263,6 +264,7 @@ class Predictor:
             batch_size=batch_size,
             collate_fn=self.family.collate,
             num_workers=num_workers,
+            multiprocessing_context=loader_context(num_workers),
             pin_memory=self.device.type == "cuda",
         )
         ids, outs = [], []

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lsdc.constants import SEVERITIES, TARGETS
 from lsdc.fileio import atomic_write_json, atomic_write_text, save_npz
+from lsdc.parallel import loader_context
 from lsdc.training.folds import FOLDS_FILE, load_folds, make_folds, save_folds
 from lsdc.training.losses import LossConfig, metric_loss
 
@@ -621,6 +622,7 @@ def _loader(
         drop_last=train and share > cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+        multiprocessing_context=loader_context(cfg.num_workers),
         collate_fn=collate,
         generator=gen if train else None,
         pin_memory=torch.cuda.is_available(),
