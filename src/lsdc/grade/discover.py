@@ -17,7 +17,14 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from lsdc.io.dicom import is_little_endian, raw_free_text, raw_text, raw_ushort
+from lsdc.io.dicom import (
+    SliceReadError,
+    is_little_endian,
+    open_dicom,
+    raw_free_text,
+    raw_text,
+    raw_ushort,
+)
 from lsdc.parallel import parallel_map
 
 # Media Storage Directory Storage: a DICOMDIR.
@@ -161,29 +168,13 @@ def _int(ds: pydicom.Dataset, name: str) -> int | None:
     return int(v) if v is not None else None
 
 
-def _open(path: Path) -> pydicom.Dataset:
-    """A header-only read; a file without the Part 10 preamble is tried as a bare dataset."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_TAGS.values()))
-    except InvalidDicomError:
-        ds = pydicom.dcmread(
-            path, stop_before_pixels=True, force=True, specific_tags=list(_TAGS.values())
-        )
-        if not _text(ds, "SOPInstanceUID"):
-            raise InvalidDicomError("no DICOM preamble and no SOPInstanceUID") from None
-        return ds
-
-
 def read_found(path: Path) -> FoundFile | str:
     """The facts of one image file, or the reason it is not one lsdc can use."""
     try:
-        if path.stat().st_size == 0:
-            return "zero-byte file"
-        ds = _open(path)
-    except InvalidDicomError:
-        return "not DICOM"
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
-        return f"unreadable DICOM ({type(exc).__name__}: {exc})"
+        # The readers' own opening: a bare dataset (no preamble) is read as they read it.
+        ds = open_dicom(path, stop_before_pixels=True, specific_tags=list(_TAGS.values()))
+    except SliceReadError as exc:
+        return "not DICOM" if isinstance(exc.__cause__, InvalidDicomError) else exc.reason
     meta = getattr(ds, "file_meta", None)
     sop_class = _text(ds, "SOPClassUID") or (
         str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lsdc.constants import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_TYPES
-from lsdc.geometry import orientation_label, positions_along_normal
+from lsdc.geometry import orientation_label, positions_along_normal, slice_normal
 from lsdc.grade.discover import FoundSeries, FoundStudy
 
 _LOCALISER = re.compile(
@@ -267,8 +267,6 @@ def _choose(series_type: str, cands: list[_Candidate]) -> dict[_Candidate, str]:
 
 def _repeats(a: FoundSeries, b: FoundSeries) -> bool:
     """Whether `a` covers what `b` covers at the same angle: a repeat, not another block."""
-    from lsdc.geometry import slice_normal
-
     oa, ob = a.first.orientation, b.first.orientation
     if oa is None or ob is None:
         return False

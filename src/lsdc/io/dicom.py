@@ -351,7 +351,7 @@ def _pixel_data_truncated(ds: pydicom.Dataset, path: Path) -> str | None:
     return None
 
 
-def _open_dicom(path: Path, **kwargs: Any) -> pydicom.Dataset:
+def open_dicom(path: Path, **kwargs: Any) -> pydicom.Dataset:
     """`pydicom.dcmread`, with every failure turned into a SliceReadError naming the file."""
     try:
         if path.stat().st_size == 0:
@@ -401,7 +401,7 @@ def read_header(path: str | Path) -> SliceHeader:
     """
     path = Path(path)
     # defer_size keeps PixelData unread but records where it starts, so truncation shows.
-    ds = _open_dicom(path, defer_size=256)
+    ds = open_dicom(path, defer_size=256)
     header = header_from_dataset(ds, path)
     reason = _pixel_data_truncated(ds, path)
     if reason is not None:
@@ -435,7 +435,7 @@ def _decoder(transfer_syntax: str) -> Decoder:
 
 def _read_slice(path: Path) -> tuple[SliceHeader, np.ndarray]:
     """Header and stored pixel values (rows, cols) of one file, read once; SliceReadError if bad."""
-    ds = _open_dicom(path)
+    ds = open_dicom(path)
     header = header_from_dataset(ds, path)
     if _T_PIXEL_DATA not in ds:
         raise SliceReadError(path, "no PixelData element (truncated file?)")
