@@ -144,6 +144,42 @@ def test_mirror_batch_is_an_involution_and_swaps_sides(toy_multitask_cache):
     torch.testing.assert_close(m["points"][:, RIGHT_L4, 0], 1 - batch["points"][:, LEFT_L4, 0])
 
 
+def test_teacher_forcing_keeps_its_floor_and_jitters_its_windows(toy_multitask_cache):
+    cache = toy_multitask_cache(n_studies=4, size=32, hires=40)
+    cfg = _only(teacher_start=1.0, teacher_epochs=2, teacher_end=0.5, teacher_jitter=0.4)
+    ds = MultitaskDataset(cache, config=cfg, train=True, seed=3)
+    ds.set_epoch(1)
+    assert ds._teacher_prob() == pytest.approx(0.75)  # halfway from 1 to 0.5
+    ds.set_epoch(7)
+    assert ds._teacher_prob() == pytest.approx(0.5)  # stays at the floor
+    ds.set_epoch(0)
+    items = [ds[i] for i in range(4)]
+    assert all(bool(it["teacher"]) for it in items)
+    jitter = torch.stack([it["teacher_jitter"] for it in items])
+    assert jitter.abs().max() <= 0.4 and jitter.abs().max() > 0.1
+    assert len({tuple(j.flatten().tolist()) for j in jitter}) == 4  # drawn per study
+    torch.testing.assert_close(ds[2]["teacher_jitter"], items[2]["teacher_jitter"])  # seeded
+    # Not teacher-forced, or not training: no offset.
+    ds.cfg.augment.teacher_start = ds.cfg.augment.teacher_end = 0.0
+    assert not ds[0]["teacher_jitter"].any()
+    assert not MultitaskDataset(cache, config=cfg)[0]["teacher_jitter"].any()
+
+
+def test_mirror_batch_turns_the_axial_jitter_with_its_points(toy_multitask_cache):
+    cache = toy_multitask_cache(n_studies=2, size=32, hires=40)
+    batch = collate_multitask([MultitaskDataset(cache)[i] for i in range(2)])
+    batch["teacher_jitter"] = torch.rand(2, 25, 2) - 0.5
+    m = mirror_batch(batch)
+    back = mirror_batch(m)
+    torch.testing.assert_close(back["teacher_jitter"], batch["teacher_jitter"])
+    j = batch["teacher_jitter"]
+    assert m["teacher_jitter"][:, RIGHT_L4, 0].tolist() == (-j[:, LEFT_L4, 0]).tolist()
+    assert m["teacher_jitter"][:, RIGHT_L4, 1].tolist() == j[:, LEFT_L4, 1].tolist()
+    left = TARGETS.index("left_neural_foraminal_narrowing_l3_l4")
+    right = TARGETS.index("right_neural_foraminal_narrowing_l3_l4")
+    assert m["teacher_jitter"][:, right].tolist() == j[:, left].tolist()  # sagittal: no turn
+
+
 def test_old_cache_format_is_refused(tmp_path):
     from lsdc.preprocess.cache import StudyCache
 

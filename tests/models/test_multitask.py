@@ -271,6 +271,20 @@ def test_teacher_forcing_moves_the_second_pass_to_the_true_points(batch):
     assert not torch.allclose(free, forced)
 
 
+def test_teacher_jitter_moves_each_window_off_its_true_point(batch):
+    model = build_model("multitask", **TINY, refine=True).eval()
+    jitter = torch.rand(2, 25, 2) * 2 - 1
+    forced = {**batch, "teacher": torch.ones(2, dtype=torch.bool), "teacher_jitter": jitter}
+    with torch.no_grad():
+        out = model(forced)
+    for g in GROUPS:
+        t = torch.as_tensor(g.targets)
+        place = out[f"refine_windows_{g.name}"]  # centre x/y and half side, crop units
+        known = forced["point_mask"][:, t].flatten()
+        expected = forced["points"][:, t] + jitter[:, t] * model.windows[g.name]
+        torch.testing.assert_close(place[known, :2], expected.flatten(0, 2)[known])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="keypoint_head"):
         MultitaskModel(**TINY, keypoint_head="x")

@@ -19,6 +19,7 @@ Item (`MultitaskDataset[i]`), pixels in [0, 1]:
   axial_images (5, 3, Ha, Wa)      axial_present (5,)      axial_fine (5, 3, h, w)
   points (25, 2) x/y normalised to the crop ([0, 1] edge to edge)   point_mask (25,) bool
   has_coords () bool (the study has any keypoint)   teacher () bool (second pass on true points)
+  teacher_jitter (25, 2) offsets of the teacher-forced windows, fractions of their half side
   labels (25,) int64 (-1 = unlabelled)   study_id () int64
 
 Augmentation (training only, after the cache): per crop one random affine (rotation, zoom,
@@ -94,11 +95,17 @@ class MultitaskAugmentConfig:
     gamma: float = 0.2
     axial_flip_prob: float = 0.5  # horizontal flip of an axial crop (swaps left and right)
     sagittal_flip_prob: float = 0.0  # horizontal flip of a sagittal crop (anterior <-> posterior)
-    # Second pass on the true keypoints (where known) with this probability at epoch 0, falling
-    # linearly to 0 at `teacher_epochs`: the second-pass heads first learn from well-placed
-    # windows, then from the predicted ones they will see at inference.
+    # Second pass on the true keypoints (where known) with this probability at epoch 0, changing
+    # linearly to `teacher_end` at `teacher_epochs` and staying there: the second-pass heads
+    # learn from well-placed windows, then (teacher_end < 1) also from the predicted ones they
+    # will see at inference.
     teacher_start: float = 1.0
     teacher_epochs: int = 3
+    teacher_end: float = 0.0
+    # A teacher-forced window is centred this far (at most, uniform per axis, a fraction of the
+    # window's half side) off the true point: the reader learns to read windows as misplaced as
+    # the predicted ones, and the refiner (model.refine) where in a window its point lies.
+    teacher_jitter: float = 0.0
     # Slice shift: with this probability a crop's three slices are taken one or more slices
     # off the selected one (up to `slice_shift_max`, as far as the cache holds: a cache made
     # with `selection.neighbours=2` keeps 5 slices), the error slice relevance makes on new
@@ -215,8 +222,9 @@ class MultitaskDataset(Dataset):
     def _teacher_prob(self) -> float:
         a = self.cfg.augment
         if a.teacher_epochs <= 0:
-            return 0.0
-        return a.teacher_start * max(0.0, 1.0 - self.epoch / a.teacher_epochs)
+            return a.teacher_end
+        t = min(1.0, self.epoch / a.teacher_epochs)
+        return a.teacher_start + (a.teacher_end - a.teacher_start) * t
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from lsdc.preprocess.multitask import study_crops
@@ -269,11 +277,15 @@ class MultitaskDataset(Dataset):
         teacher = self.teacher or (
             gen is not None and torch.rand((), generator=gen).item() < self._teacher_prob()
         )
+        jitter = torch.zeros(len(TARGETS), 2)
+        if aug is not None and teacher and aug.teacher_jitter > 0:
+            jitter = (torch.rand(len(TARGETS), 2, generator=gen) * 2 - 1) * aug.teacher_jitter
         item.update(
             points=torch.nan_to_num(points, nan=0.5),
             point_mask=point_mask,
             has_coords=torch.tensor(bool(point_mask.any())),
             teacher=torch.tensor(bool(teacher)),
+            teacher_jitter=jitter,
             labels=labels,
             study_id=torch.tensor(sid, dtype=torch.int64),
         )
@@ -356,12 +368,14 @@ def mirror_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key in batch:
             out[key] = _flip_padded(batch[key], batch.get("axial_fine_hw"), key)
     index = torch.as_tensor(MIRROR_INDEX, device=batch["labels"].device)
-    for key in ("points", "point_mask", "labels"):
+    for key in ("points", "point_mask", "labels", "teacher_jitter"):
         if key in batch:
             out[key] = batch[key].index_select(1, index)
+    ax = torch.as_tensor(_AXIAL_TARGETS, device=index.device)
     if "points" in batch:
-        ax = torch.as_tensor(_AXIAL_TARGETS, device=batch["points"].device)
         out["points"][:, ax] = flip_points_x(out["points"][:, ax])
+    if "teacher_jitter" in batch:  # an offset, not a point: only its sign turns
+        out["teacher_jitter"][:, ax, 0] = -out["teacher_jitter"][:, ax, 0]
     return out
 
 

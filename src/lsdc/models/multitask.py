@@ -423,6 +423,8 @@ class MultitaskModel(nn.Module):
             centres = points.detach().reshape(b, n, k, 2)
             if teacher is not None and "points" in batch:
                 true = batch["points"][:, targets]  # (B, n, K, 2)
+                if "teacher_jitter" in batch:
+                    true = true + batch["teacher_jitter"][:, targets] * self.windows[g.name]
                 use = teacher[:, None, None] & batch["point_mask"][:, targets]
                 centres = torch.where(use[..., None], true.to(centres.dtype), centres)
             windows = self.windows_at(

@@ -7,10 +7,11 @@ cross-entropy of the heatmap against the true point's cell (heatmap head; Center
 binary visibility loss. Missing crops, keypoints and labels are masked in every term; the
 visibility term counts only studies that have coordinates at all.
 
-Teacher forcing: during the first `data.augment.teacher_epochs` epochs, a study's second pass is
-centred on the true keypoints with a probability that falls linearly from
-`data.augment.teacher_start` to 0 (`lsdc.data.multitask`); after that, and always at validation
-and inference, on the predicted ones.
+Teacher forcing: a training study's second pass is centred on the true keypoints (offset by up
+to `data.augment.teacher_jitter` of the window's half side) with a probability that moves
+linearly from `data.augment.teacher_start` to `teacher_end` over `teacher_epochs` epochs
+(`lsdc.data.multitask`), otherwise on the predicted ones; at validation and inference always on
+the predicted ones.
 
 summary.json adds `keypoint_error_mm` (median, p90 and count per series type) of the
 out-of-fold keypoints, measured in-plane on the series grid where the study has coordinates.
