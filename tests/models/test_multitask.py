@@ -285,6 +285,37 @@ def test_teacher_jitter_moves_each_window_off_its_true_point(batch):
         torch.testing.assert_close(place[known, :2], expected.flatten(0, 2)[known])
 
 
+def test_read_refined_samples_the_windows_again_at_the_refined_points(batch, monkeypatch):
+    model = build_model("multitask", **TINY, refine=True, read_refined=True).eval()
+    seen = []
+    sample = model.windows_at
+
+    def spy(group, fine, hw, centres, upsampled=True):
+        seen.append((group, centres.clone()))
+        return sample(group, fine, hw, centres, upsampled)
+
+    monkeypatch.setattr(model, "windows_at", spy)
+    with torch.no_grad():
+        out = model(batch)
+    # Per group: the first pass's points, then the refined ones, which the output reports.
+    assert [g for g, _ in seen] == [g.name for g in GROUPS for _ in (0, 1)]
+    for g, (_, first), (_, again) in zip(GROUPS, seen[::2], seen[1::2], strict=True):
+        t = torch.as_tensor(g.targets)
+        torch.testing.assert_close(first, out["keypoints_first"][:, t].flatten(0, 1))
+        torch.testing.assert_close(again, out["keypoints"][:, t].flatten(0, 1))
+    # Teacher-forced windows stay on the true points.
+    seen.clear()
+    forced = {**batch, "teacher": torch.ones(2, dtype=torch.bool)}
+    with torch.no_grad():
+        model(forced)
+    for g, (_, again) in zip(GROUPS, seen[1::2], strict=True):
+        t = torch.as_tensor(g.targets)
+        known = forced["point_mask"][:, t].flatten(0, 1)
+        true = forced["points"][:, t].flatten(0, 1)
+        torch.testing.assert_close(again[known], true[known])
+    assert not build_model("multitask", **TINY, read_refined=True).read_refined  # no refiner
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="keypoint_head"):
         MultitaskModel(**TINY, keypoint_head="x")

@@ -27,7 +27,8 @@ sides share, right-side axial windows are mirrored so that they look like left o
 
 With `refine`, a small CNN (`WindowRefiner`) also places each keypoint inside its window (a
 heatmap at half the window's resolution, soft-argmax): `keypoints` are then the refined points
-and `keypoints_first` the first pass's.
+and `keypoints_first` the first pass's. With `read_refined` as well, the second pass reads
+windows sampled again at the refined points (teacher-forced ones stay on the true points).
 
 The output is the second pass alone (`combine="second"`, the default: the first pass then
 serves the keypoints and an auxiliary loss), the average of the two passes' log-probabilities
@@ -198,6 +199,7 @@ class MultitaskModel(nn.Module):
         window_pool: str = "mean",
         window_pixels: int = 0,
         refine: bool = False,
+        read_refined: bool = False,
     ) -> None:
         super().__init__()
         if keypoint_head not in ("heatmap", "regression"):
@@ -246,6 +248,7 @@ class MultitaskModel(nn.Module):
         self.prior_logits = nn.Parameter(torch.zeros(N_TARGETS, N_CLASSES))
 
         self.refiner: nn.Module | None = None
+        self.read_refined = bool(read_refined and refine and second_pass)
         if second_pass:
             if second_backbone == "shared":
                 self.second = None
@@ -421,12 +424,13 @@ class MultitaskModel(nn.Module):
             if not self.second_pass:
                 continue
             centres = points.detach().reshape(b, n, k, 2)
+            forced = None
             if teacher is not None and "points" in batch:
                 true = batch["points"][:, targets]  # (B, n, K, 2)
                 if "teacher_jitter" in batch:
                     true = true + batch["teacher_jitter"][:, targets] * self.windows[g.name]
-                use = teacher[:, None, None] & batch["point_mask"][:, targets]
-                centres = torch.where(use[..., None], true.to(centres.dtype), centres)
+                forced = teacher[:, None, None] & batch["point_mask"][:, targets]
+                centres = torch.where(forced[..., None], true.to(centres.dtype), centres)
             windows = self.windows_at(
                 g.name,
                 batch[f"{g.name}_fine"].flatten(0, 1),
@@ -450,6 +454,18 @@ class MultitaskModel(nn.Module):
                 refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * self.windows[g.name]
                 refined = refined.float().clamp(0, 1).reshape(b, n * k, 2)
                 refined_all.scatter_(1, flat_t[..., None].expand(-1, -1, 2), refined)
+                if self.read_refined:
+                    # Read again where the refiner puts each point; teacher-forced windows stay
+                    # where teaching put them.
+                    again = refined.detach().to(centres.dtype).reshape(b, n, k, 2)
+                    if forced is not None:
+                        again = torch.where(forced[..., None], centres, again)
+                    windows = self.windows_at(
+                        g.name,
+                        batch[f"{g.name}_fine"].flatten(0, 1),
+                        batch[f"{g.name}_fine_hw"].flatten(0, 1),
+                        again.reshape(b * n, k, 2),
+                    )
             flat_targets = tgt.reshape(-1)
             if self.mirror_right and g.name == "axial":
                 # Right-side windows mirrored: one head reads both sides the same way.
