@@ -83,6 +83,7 @@ class MultitaskModelConfig:
     window_pixels: int = 0
     # Refine each keypoint inside its second-pass window (`WindowRefiner`).
     refine: bool = False
+    read_refined: bool = False  # the second pass reads at the refined points (with refine)
 
 
 @dataclass
