@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="empty WORK first (not the phantom)")
     p.add_argument("--out", type=Path, default=Path("bench/results/learning_curve.json"))
     p.add_argument("--png", type=Path, help="the picture (default: beside --out)")
+    p.add_argument(
+        "--before", type=Path, help="an earlier curve's JSON, drawn faintly beside this one"
+    )
     p.add_argument("--point", type=int, help=argparse.SUPPRESS)  # one point, in a child
     args = p.parse_args(argv)
     if args.quick:
@@ -272,9 +275,10 @@ def curve_markdown(points: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(points: list[dict], png: Path) -> Path:
+def plot_curve(points: list[dict], png: Path, before: list[dict] | None = None) -> Path:
     """Score / weighted prior against training studies (log x): a line per model, the
-    weighted prior at 1 and the oracle as the floor."""
+    weighted prior at 1 and the oracle as the floor; `before` (an earlier curve's points)
+    drawn faintly in the same colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,12 +288,24 @@ def plot_curve(points: list[dict], png: Path) -> Path:
 
     points = sorted(points, key=lambda p: p["train_studies"])
     xs = [p["train_studies"] for p in points]
+    ticks = set(xs)
     names = [n for n in points[-1]["test"]["rows"] if n not in (*BASELINES, OWN_PRIOR)]
     fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=120)
     for name in names:
         ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
         style = {"lw": 2.5} if name == "ensemble" else {"lw": 1.5, "ls": "--"}
-        ax.plot(xs, ys, marker="o", label=name, **style)
+        line = ax.plot(xs, ys, marker="o", label=name, **style)[0]
+        old = sorted(
+            (p for p in before or () if name in p["test"]["rows"]),
+            key=lambda p: p["train_studies"],
+        )
+        if old:
+            ax.plot(
+                [p["train_studies"] for p in old],
+                [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in old],
+                marker="x", color=line.get_color(), alpha=0.35, lw=1, label=f"{name}, before",
+            )  # fmt: skip
+            ticks |= {p["train_studies"] for p in old}
     for name, style in ((PRIOR, ":"), (OWN_PRIOR, "--"), (ORACLE, "-.")):
         if all(name in p["test"]["rows"] for p in points):
             ys = [p["test"]["rows"][name]["ratio_to_weighted_prior"] for p in points]
@@ -298,7 +314,7 @@ def plot_curve(points: list[dict], png: Path) -> Path:
         1.0, color="black", lw=0.8, label="weighted prior of the whole training set (best constant)"
     )
     ax.set_xscale("log")
-    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xticks(sorted(ticks), [str(x) for x in sorted(ticks)])
     ax.minorticks_off()
     ax.set_xlabel("training studies (2 folds)")
     ax.set_ylabel("test score / weighted prior (lower is better)")
@@ -316,6 +332,7 @@ def plot_curve(points: list[dict], png: Path) -> Path:
 def write_curve(args: argparse.Namespace, data: Path, points: list[dict]) -> dict:
     points = sorted(points, key=lambda p: p["train_studies"])
     png = args.png or args.out.with_suffix(".png")
+    before = json.loads(args.before.read_text())["points"] if args.before else None
     result = {
         "benchmark": "bench_learning_curve",
         "command": "python bench/bench_learning_curve.py " + " ".join(sys.argv[1:]),
@@ -323,11 +340,12 @@ def write_curve(args: argparse.Namespace, data: Path, points: list[dict]) -> dic
         "phantom": json.loads((data / "truth" / "synth.json").read_text()),
         "preset": args.preset,
         "fit_overrides": args.fit,
+        "before": str(args.before) if args.before else None,
         "models": args.models,
         "baselines_from": "the whole phantom's training set, the same at every point",
         "curve": curve_rows(points),
         "points": points,
-        "png": str(plot_curve(points, png)) if points else None,
+        "png": str(plot_curve(points, png, before)) if points else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True))
