@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-GROUPS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_signal_loss import reader_table  # noqa: E402
 
 
 def sample_windows(run: Path, cache_dir: Path, ids: list[int], points: dict | None) -> tuple:
@@ -161,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from lsdc.fileio import load_npz
-    from lsdc.metrics import score_arrays
     from lsdc.preprocess.cache import StudyCache
     from lsdc.training.engine import weighted_class_prior
     from lsdc.training.folds import FOLDS_FILE, load_folds
@@ -197,18 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         readers["true"][te] = predict(true_w[te], mask[te])
         readers["predicted"][te] = predict(pred_w[te], mask[te])
         readers["moved"][te] = predict(moved_w[te], mask[te])
-    scores = {name: score_arrays(labels, p) for name, p in readers.items()}
-    base = scores["weighted prior"]
-    table = {
-        name: {g: {"score": s[g], "x_weighted_prior": s[g] / base[g]} for g in GROUPS}
-        for name, s in scores.items()
-    }
     print(f"{len(ids)} studies with coordinates, {len(np.unique(fold))} folds, reader alone")
-    print(
-        f"{'windows at':20s}" + "".join(f"{g[:12]:>14s}" for g in GROUPS) + "   (x weighted prior)"
-    )
-    for name, row in table.items():
-        print(f"{name:20s}" + "".join(f"{row[g]['x_weighted_prior']:14.3f}" for g in GROUPS))
+    table = reader_table(labels, readers, "windows at", 20)
     result = {
         "benchmark": "bench_reader",
         "command": "python bench/bench_reader.py " + " ".join(argv or sys.argv[1:]),

@@ -117,6 +117,23 @@ def probe(labels: np.ndarray, fold: np.ndarray, feats: dict, ids: list[int]) -> 
     return probs
 
 
+def reader_table(labels: np.ndarray, readers: dict, title: str, width: int) -> dict:
+    """Each reader's (n, 25, 3) probabilities scored per metric group and divided by the
+    "weighted prior" reader's score on the same rows; printed, and returned as a table."""
+    from lsdc.metrics import score_arrays
+
+    scores = {name: score_arrays(labels, p) for name, p in readers.items()}
+    base = scores["weighted prior"]
+    table = {
+        name: {g: {"score": s[g], "x_weighted_prior": s[g] / base[g]} for g in GROUPS}
+        for name, s in scores.items()
+    }
+    print(f"{title:{width}s}" + "".join(f"{g[:12]:>14s}" for g in GROUPS) + "   (x weighted prior)")
+    for name, row in table.items():
+        print(f"{name:{width}s}" + "".join(f"{row[g]['x_weighted_prior']:14.3f}" for g in GROUPS))
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -129,7 +146,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_signal_loss.json"))
     args = p.parse_args(argv)
 
-    from lsdc.metrics import score_arrays
     from lsdc.preprocess.cache import StudyCache
     from lsdc.training.engine import class_prior, weighted_class_prior
     from lsdc.training.folds import FOLDS_FILE, load_folds
@@ -185,16 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
             np.isnan(probe_pred), readers["class prior"], probe_pred
         )
 
-    scores = {name: score_arrays(labels, p) for name, p in readers.items()}
-    base = scores["weighted prior"]
-    table = {
-        name: {g: {"score": s[g], "x_weighted_prior": s[g] / base[g]} for g in GROUPS}
-        for name, s in scores.items()
-    }
     print(f"{len(ids)} out-of-fold studies with coordinates, {len(np.unique(fold))} folds")
-    print(f"{'reader':34s}" + "".join(f"{g[:12]:>14s}" for g in GROUPS) + "   (x weighted prior)")
-    for name, row in table.items():
-        print(f"{name:34s}" + "".join(f"{row[g]['x_weighted_prior']:14.3f}" for g in GROUPS))
+    table = reader_table(labels, readers, "reader", 34)
     result = {
         "benchmark": "bench_signal_loss",
         "command": "python bench/bench_signal_loss.py " + " ".join(argv or sys.argv[1:]),
