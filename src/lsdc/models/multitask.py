@@ -431,13 +431,10 @@ class MultitaskModel(nn.Module):
                     true = true + batch["teacher_jitter"][:, targets] * self.windows[g.name]
                 forced = teacher[:, None, None] & batch["point_mask"][:, targets]
                 centres = torch.where(forced[..., None], true.to(centres.dtype), centres)
-            windows = self.windows_at(
-                g.name,
-                batch[f"{g.name}_fine"].flatten(0, 1),
-                batch[f"{g.name}_fine_hw"].flatten(0, 1),
-                centres.reshape(b * n, k, 2),
-            )  # (B*n*K, 3, P, P)
-            if self.second_pass and self.refiner is not None:
+            fine = batch[f"{g.name}_fine"].flatten(0, 1)
+            fine_hw = batch[f"{g.name}_fine_hw"].flatten(0, 1)
+            windows = self.windows_at(g.name, fine, fine_hw, centres.reshape(b * n, k, 2))
+            if self.refiner is not None:
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
                 hm_r = self.refiner.heatmap(windows)  # (B*n*K, 1, p, p)
                 r = soft_argmax(hm_r)[:, 0]  # (B*n*K, 2)
@@ -460,12 +457,7 @@ class MultitaskModel(nn.Module):
                     again = refined.detach().to(centres.dtype).reshape(b, n, k, 2)
                     if forced is not None:
                         again = torch.where(forced[..., None], centres, again)
-                    windows = self.windows_at(
-                        g.name,
-                        batch[f"{g.name}_fine"].flatten(0, 1),
-                        batch[f"{g.name}_fine_hw"].flatten(0, 1),
-                        again.reshape(b * n, k, 2),
-                    )
+                    windows = self.windows_at(g.name, fine, fine_hw, again.reshape(b * n, k, 2))
             flat_targets = tgt.reshape(-1)
             if self.mirror_right and g.name == "axial":
                 # Right-side windows mirrored: one head reads both sides the same way.
