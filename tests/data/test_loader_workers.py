@@ -37,3 +37,15 @@ def test_teacher_forcing_decays_in_persistent_workers(toy_multitask_cache):
     ds = MultitaskDataset(toy_multitask_cache(n_studies=4, size=16), config=cfg, train=True)
     teacher = _epochs(ds, collate_multitask, 2, "teacher")
     assert bool(teacher[0].all()) and not bool(teacher[5].any())
+
+
+def test_teacher_jitter_is_drawn_alike_in_persistent_workers(toy_multitask_cache):
+    cfg = MultitaskDataConfig()
+    cfg.augment.teacher_start = cfg.augment.teacher_end = 1.0
+    cfg.augment.teacher_jitter = 0.5
+    ds = MultitaskDataset(toy_multitask_cache(n_studies=4, size=16), config=cfg, train=True)
+    with_workers = _epochs(ds, collate_multitask, 2, "teacher_jitter")
+    alone = _epochs(ds, collate_multitask, 0, "teacher_jitter")
+    assert not torch.equal(with_workers[0], with_workers[1])  # new offsets every epoch
+    for epoch, jitter in with_workers.items():
+        torch.testing.assert_close(jitter, alone[epoch])

@@ -14,10 +14,16 @@ from lsdc.models.registry import build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"refine": True}, {"keypoint_head": "regression"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"refine": True}, {"refine": True, "read_refined": True}, {"keypoint_head": "regression"}],
+)
 def test_the_multitask_model_runs_under_bf16_autocast(toy_multitask_cache, kwargs):
     cache = toy_multitask_cache(n_studies=2, size=32, hires=48)
     batch = collate_multitask([MultitaskDataset(cache)[i] for i in range(2)])
+    # One study teacher-forced with offset windows, one read where the model puts its points.
+    batch["teacher"] = torch.tensor([True, False])
+    batch["teacher_jitter"] = torch.rand(2, 25, 2) - 0.5
     model = build_model(
         "multitask", backbone="resnet10t", feature_dim=16, hidden_dim=16, window_px=8, **kwargs
     )

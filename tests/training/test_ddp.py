@@ -225,6 +225,11 @@ MULTITASK_TINY = [
     "engine.strategy=ddp",
     # With the OOF's flip TTA (on by default) and the default heatmap head and teacher forcing.
     "engine.ema_epochs=1",
+    # And the demo preset's refiner, read-again windows and jittered teacher forcing.
+    "model.refine=true",
+    "model.read_refined=true",
+    "data.augment.teacher_end=0.5",
+    "data.augment.teacher_jitter=0.5",
 ]
 
 
