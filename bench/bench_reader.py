@@ -18,6 +18,10 @@ Each score is given against the weighted prior of the fold's training studies, o
 Compare with `bench_signal_loss.py` (the joint model's second pass at true and predicted points).
 
     python bench/bench_reader.py --runs RUNS [--epochs 10] [--jitter 0.0] [--out JSON]
+        [--set model.window_sagittal=0.09 model.window_px=36 model.window_pool=mean ...]
+
+`--set` changes the reader's model arguments (window geometry and encoder) from the run's, so a
+window size or encoder can be tried without training the joint model again.
 
 Writes JSON to bench/results/bench_reader.json (or --out) and prints a table.
 """
@@ -39,10 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_signal_loss import reader_table  # noqa: E402
 
 
-def sample_windows(run: Path, cache_dir: Path, ids: list[int], points: dict | None) -> tuple:
+def sample_windows(
+    run: Path, cache_dir: Path, ids: list[int], points: dict | None, kwargs: dict
+) -> tuple:
     """(n, 25, C, P, P) float16 windows centred on the true points, or on `points` (study ->
-    (25, 2) normalised crop x/y) where given; right axial windows mirrored as the model reads
-    them; and the (n, 25) mask of windows with a true point."""
+    (25, 2) normalised crop x/y) where given, with the window geometry of `kwargs` (the reader's
+    model arguments); right axial windows mirrored as the model reads them; and the (n, 25) mask
+    of windows with a true point."""
     import torch
 
     from lsdc.constants import TARGETS
@@ -52,6 +59,8 @@ def sample_windows(run: Path, cache_dir: Path, ids: list[int], points: dict | No
 
     pred = Predictor.from_run(run, folds=[0], device="cpu")
     model = pred.models[0]
+    model.windows = {"sagittal": kwargs["window_sagittal"], "axial": kwargs["window_axial"]}
+    model.window_px = kwargs["window_px"]
     ds = pred.family.dataset(cache_dir, ids, pred.info)
     windows, mask = None, np.zeros((len(ids), 25), bool)
     with torch.no_grad():
@@ -83,8 +92,30 @@ def sample_windows(run: Path, cache_dir: Path, ids: list[int], points: dict | No
     return windows, mask
 
 
+def reader_overrides(items: list[str]) -> dict:
+    """`model.KEY=VALUE` items -> model arguments, values parsed as YAML (numbers, booleans)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("model."):
+            raise SystemExit(f"--set takes model.KEY=VALUE, not {item!r}")
+        out[key.removeprefix("model.")] = yaml.safe_load(value)
+    return out
+
+
 def train_reader(
-    kwargs: dict, windows, mask, labels, prior, epochs: int, jitter: float, seed: int
+    kwargs: dict,
+    windows,
+    mask,
+    labels,
+    prior,
+    epochs: int,
+    jitter: float,
+    seed: int,
+    lr: float = 1e-3,
+    batch: int = 4,
 ):  # -> a function of windows, mask -> probabilities
     """A fresh copy of the run's second pass trained alone on `windows` (teacher windows of the
     training studies) with the metric's loss; returns its predict function."""
@@ -99,7 +130,7 @@ def train_reader(
     parts = [model.second, model.second_mlp, model.second_heads]
     params = [p for m in parts if m is not None for p in m.parameters()]
     prior_logits = torch.nn.Parameter(torch.as_tensor(np.log(prior), dtype=torch.float32))
-    opt = torch.optim.AdamW([*params, prior_logits], lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW([*params, prior_logits], lr=lr, weight_decay=0.01)
     targets = torch.arange(25)
     x_all = torch.from_numpy(windows.astype(np.float32))
     y_all, m_all = torch.from_numpy(labels).long(), torch.from_numpy(mask)
@@ -119,7 +150,7 @@ def train_reader(
         return F.grid_sample(flat, grid, align_corners=False, padding_mode="border").view_as(x)
 
     gen = torch.Generator().manual_seed(seed)
-    bs = 4
+    bs = batch
     for _ in range(epochs):
         for m in parts:
             if m is not None:
@@ -156,8 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=Path, required=True, help="a `lsdc fit` runs folder")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--jitter", type=float, default=0.0, help="training offsets, half windows")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
+    p.add_argument("--batch", type=int, default=4, help="studies a step (25 windows each)")
     p.add_argument("--shift", type=int, default=2, help="window pixels, the shift probe")
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_reader.json"))
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="model.KEY=VALUE", help="reader model arguments"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -174,17 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
     oof, _ = load_npz(run / "oof.npz")
     predicted = dict(zip(oof["study_ids"].tolist(), oof["out_keypoints"], strict=True))
     ids = sorted(s for s in folds if cache.has(s) and s in predicted)
+    kwargs = json.loads((run / "run.json").read_text())["model_kwargs"]
+    kwargs = {**kwargs, "sr_path": None, **reader_overrides(args.set)}
     t0 = time.perf_counter()
-    true_w, mask = sample_windows(run, cache_dir, ids, None)
-    pred_w, _ = sample_windows(run, cache_dir, ids, predicted)
+    true_w, mask = sample_windows(run, cache_dir, ids, None, kwargs)
+    pred_w, _ = sample_windows(run, cache_dir, ids, predicted, kwargs)
     keep = mask.any(axis=1)  # studies with coordinates
     ids = [s for s, k in zip(ids, keep, strict=True) if k]
     true_w, pred_w, mask = true_w[keep], pred_w[keep], mask[keep]
     moved_w = np.roll(true_w, args.shift, axis=-1)
     labels = cache.labels(ids)
     fold = np.array([folds[s] for s in ids])
-    kwargs = json.loads((run / "run.json").read_text())["model_kwargs"]
-    kwargs = {**kwargs, "sr_path": None}
     readers = {
         k: np.zeros((len(ids), 25, 3)) for k in ("weighted prior", "true", "predicted", "moved")
     }
@@ -192,7 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
         tr, te = fold != f, fold == f
         prior = weighted_class_prior(labels[tr])
         predict = train_reader(
-            kwargs, true_w[tr], mask[tr], labels[tr], prior, args.epochs, args.jitter, int(f)
+            kwargs,
+            true_w[tr],
+            mask[tr],
+            labels[tr],
+            prior,
+            args.epochs,
+            args.jitter,
+            int(f),
+            args.lr,
+            args.batch,
         )
         readers["weighted prior"][te] = prior
         readers["true"][te] = predict(true_w[te], mask[te])
@@ -207,8 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
         "studies": len(ids),
         "epochs": args.epochs,
         "jitter": args.jitter,
+        "lr": args.lr,
+        "batch": args.batch,
         "shift_px": args.shift,
         "window_px": int(true_w.shape[-1]),
+        "reader": {k: v for k, v in kwargs.items() if k.startswith("window")},
         "seconds": time.perf_counter() - t0,
         "readers": table,
     }
