@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsdc.config import load_config
 from lsdc.constants import TARGETS
 from lsdc.data.multitask import GROUPS, MultitaskDataset, collate_multitask
 from lsdc.models.multitask import MultitaskModel, sample_points, soft_argmax, window_grid
 from lsdc.models.registry import build_model
+from lsdc.training.multitask import MultitaskTrainConfig
 
 TINY = dict(backbone="resnet10t", feature_dim=16, hidden_dim=16, window_px=8)
 
@@ -377,6 +379,18 @@ def test_grid_pooled_window_encoder_tells_where_a_feature_lies():
     # The grid part tells the top of the window from the bottom, cell by cell.
     ga, gb = a[0, 128:].reshape(8, 4, 4), b[0, 128:].reshape(8, 4, 4)
     assert not torch.allclose(ga, gb)
+
+
+def test_window_widths_set_the_readers_stages(batch):
+    model = build_model("multitask", **TINY, window_widths=[8, 16, 24]).eval()
+    convs = [m for m in model.second.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16, 24, 24]
+    assert model.second.num_features == 24
+    out = model(batch)
+    assert torch.isfinite(out["logits"]).all()
+    # The training config passes them on (a list from YAML or the command line).
+    cfg = load_config(MultitaskTrainConfig, overrides=["model.window_widths=[8,16,24]"])
+    assert cfg.model.window_widths == [8, 16, 24]
 
 
 def test_windows_are_sampled_in_place_as_from_a_copy_per_window():

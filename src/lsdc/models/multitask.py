@@ -198,6 +198,7 @@ class MultitaskModel(nn.Module):
         fine_stride: int = 8,
         window_pool: str = "mean",
         window_pixels: int = 0,
+        window_widths: tuple[int, ...] | list[int] = (32, 64, 128),
         refine: bool = False,
         read_refined: bool = False,
     ) -> None:
@@ -254,7 +255,9 @@ class MultitaskModel(nn.Module):
                 self.second = None
                 n2 = nf
             elif second_backbone == "window":
-                self.second = WindowEncoder(3, pool=window_pool, pixels=window_pixels)
+                self.second = WindowEncoder(
+                    3, tuple(window_widths), pool=window_pool, pixels=window_pixels
+                )
                 n2 = self.second.num_features
             else:
                 self.second = create_backbone(second_backbone, 3, pretrained=False)

@@ -81,6 +81,10 @@ class MultitaskModelConfig:
     window_pool: str = "mean"
     # > 0: the window encoder also passes on the window's standardised pixels at this size.
     window_pixels: int = 0
+    # Channels of the window encoder's three stages. The reader costs most of a training step
+    # (48-px windows, 25 a study, at full resolution in the first stage); narrower stages cost
+    # about a quarter as much a step.
+    window_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     # Refine each keypoint inside its second-pass window (`WindowRefiner`).
     refine: bool = False
     read_refined: bool = False  # the second pass reads at the refined points (with refine)
