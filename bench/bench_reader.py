@@ -23,7 +23,9 @@ Compare with `bench_signal_loss.py` (the joint model's second pass at true and p
 `--set` changes the reader's model arguments (window geometry and encoder) from the run's, so a
 window size or encoder can be tried without training the joint model again.
 
-Writes JSON to bench/results/bench_reader.json (or --out) and prints a table.
+Writes JSON to bench/results/bench_reader.json (or --out) and prints a table, with what the reader
+costs a training step (forward and backward on 100 windows) against the default encoder, timed
+in the same run.
 """
 
 from __future__ import annotations
@@ -103,6 +105,25 @@ def reader_overrides(items: list[str]) -> dict:
             raise SystemExit(f"--set takes model.KEY=VALUE, not {item!r}")
         out[key.removeprefix("model.")] = yaml.safe_load(value)
     return out
+
+
+def reader_seconds(kwargs: dict, px: int, repeats: int = 3) -> float:
+    """Seconds of one training step's reader (forward and backward) on 100 windows of `px`."""
+    import torch
+
+    from lsdc.models.registry import build_model
+
+    model = build_model("multitask", **kwargs).train()
+    x = torch.rand(100, 3, px, px)
+
+    def step() -> None:
+        model.embed_windows(x).sum().backward()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
 
 
 def train_reader(
@@ -244,6 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
         readers["predicted"][te] = predict(pred_w[te], mask[te])
         readers["moved"][te] = predict(moved_w[te], mask[te])
     print(f"{len(ids)} studies with coordinates, {len(np.unique(fold))} folds, reader alone")
+    # What the reader costs a training step, against the default encoder in the same run.
+    px = int(true_w.shape[-1])
+    default = {k: v for k, v in kwargs.items() if k != "window_widths"}
+    cost = {"seconds_100_windows": reader_seconds(kwargs, px)}
+    cost["default_widths_seconds"] = reader_seconds(default, px)
+    cost["x_default"] = cost["seconds_100_windows"] / cost["default_widths_seconds"]
+    print(f"reader step on 100 windows: {cost['x_default']:.2f}x the default encoder's time")
     table = reader_table(labels, readers, "windows at", 20)
     result = {
         "benchmark": "bench_reader",
@@ -258,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "window_px": int(true_w.shape[-1]),
         "reader": {k: v for k, v in kwargs.items() if k.startswith("window")},
         "seconds": time.perf_counter() - t0,
+        "reader_cost": cost,
         "readers": table,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
