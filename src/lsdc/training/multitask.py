@@ -81,9 +81,9 @@ class MultitaskModelConfig:
     window_pool: str = "mean"
     # > 0: the window encoder also passes on the window's standardised pixels at this size.
     window_pixels: int = 0
-    # Channels of the window encoder's three stages. The reader costs most of a training step
-    # (48-px windows, 25 a study, at full resolution in the first stage); narrower stages cost
-    # about a quarter as much a step.
+    # Channels of the window encoder's stages (each ends by halving the resolution). The reader
+    # costs most of a training step (25 windows a study, the first stage at their full
+    # resolution); 16/32/64 costs about a third of the default's time (bench/bench_reader.py).
     window_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     # Refine each keypoint inside its second-pass window (`WindowRefiner`).
     refine: bool = False
