@@ -96,12 +96,14 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "multitask": [
             "engine.folds=2",
             # 22 epochs with a narrow window reader (`window_widths`) cost what 14 did with the
-            # default one: the reader is most of a step, and alone on its windows it is still
-            # learning at 10 epochs (bench/bench_reader.py at 200 studies: 0.69x the weighted
-            # prior at the true points after 10 epochs, 0.57x after 20). On the curve's 200
-            # training studies (out of fold) the calibrated score went from 0.79x to 0.59x the
-            # weighted prior, the Sagittal T1 keypoints from 2.1 / 5.3 to 1.5 / 3.9 mm; on the
-            # 100 from 0.95x to 0.86x, Sagittal T1 from 4.8 / 12.6 to 2.5 / 7.0 mm.
+            # default one on the learning curve's fits (one thread; the demo's multitask stage,
+            # two threads, went from 314 to 436 s). The reader is most of a step, and alone on
+            # its windows it is still learning at 10 epochs (bench/bench_reader.py at 200
+            # studies: 0.69x the weighted prior at the true points after 10 epochs, 0.57x after
+            # 20). On the curve's 200 training studies (out of fold) the calibrated score went
+            # from 0.79x to 0.59x the weighted prior, the Sagittal T1 keypoints from 2.1 / 5.3
+            # to 1.5 / 3.9 mm; on the 100 from 0.95x to 0.86x, Sagittal T1 from 4.8 / 12.6 to
+            # 2.5 / 7.0 mm.
             "engine.epochs=22",
             "model.window_widths=[16,32,64]",
             "model.backbone=resnet10t",
