@@ -208,8 +208,15 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
     lines = [
         "<h2>Ensemble</h2>",
         '<p class="note">Weight of each model per metric group (left and right share theirs), '
-        "fitted on the out-of-fold predictions to minimise the metric, then one calibration of "
-        "the pool. A weight near 0 means the ensemble drops that model for the group.</p>",
+        "then one calibration. "
+        + (
+            "Two kinds of ensemble compete out of fold: the pool (weights fitted to minimise "
+            "the metric) and each model alone with its own calibration (weight 1; the others "
+            "serve only the studies it cannot read). The one that scores best cross-fitted is "
+            "kept.</p>"
+            if len(models) > 1
+            else "One model: the ensemble is its calibration, fitted out of fold.</p>"
+        ),
         f"<table>\n<tr><th>group</th>{head}</tr>",
     ]
     for group, row in weights.items():
@@ -219,21 +226,26 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
     oof = ens.get("oof") or {}
     if oof.get("ensemble"):
         own = {m: (oof.get("models_calibrated") or {}).get(m, {}).get("score") for m in models}
-        best = min(((s, m) for m, s in own.items() if s is not None), default=None)
-        pool = oof["ensemble"]["score"]
-        verdict = (
-            "beats every model alone"
-            if oof.get("beats_each_model")
-            else f"does not beat {best[1]} alone ({_num(best[0])}); the pool keeps the weights "
-            "above, shrunk toward equal ones, since its out-of-fold studies are few"
-            if best
-            else ""
-        )
         text = ", ".join(f"{m} {_num(s)}" for m, s in own.items() if s is not None)
+        pool = (oof.get("pool") or {}).get("score")
+        chosen = oof.get("chosen", "pool")
+        kept = "the pool" if chosen == "pool" else f"{chosen} alone"
+        verdict = (
+            "It beats every model alone."
+            if oof.get("beats_each_model")
+            else "It does not beat every model alone: "
+            + (
+                "the pool and a model alone are close on these studies, and the folds that "
+                "chose it were not the ones that scored it."
+                if chosen == "pool"
+                else f"the pool adds nothing {chosen} does not see."
+            )
+        )
         lines.append(
             f'<p class="note">Out of fold, cross-fitted on {esc(str(oof.get("studies", "")))} '
-            f"studies: the ensemble scores {_num(pool)} (each model with its own calibration: "
-            f"{esc(text)}), so it {esc(verdict)}.</p>"
+            f"studies: the pool scores {_num(pool)}, each model with its own calibration "
+            f"{esc(text)}. Kept: <b>{esc(kept)}</b>; chosen and fitted on the other folds "
+            f"each time, it scores {_num(oof['ensemble']['score'])}. {esc(verdict)}</p>"
         )
     return "\n".join(lines)
 
