@@ -131,6 +131,18 @@ def _scale(d: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _folds(d: dict) -> list[tuple[str, str]]:
+    serial = d.get("one_after_the_other", {})
+    return [
+        (
+            f"multitask training ({d.get('studies')} studies, {d.get('epochs')} epochs), folds side"
+            " by side / one after the other, wall time",
+            f"{_fmt(d.get('wall_ratio'), '.2f')}x (one process keeps "
+            f"{_fmt(serial.get('cores_busy'), '.2f')} cores busy)",
+        )
+    ]
+
+
 @dataclass
 class Bench:
     name: str
@@ -163,6 +175,7 @@ BENCHES = [
     ),
     Bench("pipeline", [], ["--quick"], _pipeline),
     Bench("scale", [], ["--quick"], _scale),
+    Bench("folds", [], ["--train-studies", "12", "--size", "64", "--epochs", "1"], _folds),
 ]
 
 

@@ -600,7 +600,9 @@ def fit_cmd(
     work: Annotated[
         Path | None, typer.Option(help="Training caches here (default RUNS/cache).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Parallel preprocessing processes.")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Parallel processes: preprocessing; on CPU, folds side by side.")
+    ] = 1,
     executor: ExecutorOption = "local",
     scheduler: SchedulerOption = None,
     rehearse: Annotated[

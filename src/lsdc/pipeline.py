@@ -483,6 +483,21 @@ def _also_to_log(log: Callable[[str], None]) -> Callable[[str], None]:
     return both
 
 
+def _log_places(data: Path, runs: Path, work: Path) -> dict[Path, str]:
+    """fit.log is in the runs folder: the places Lightning's messages name are written
+    relative to it (Lightning logs the resume checkpoint's path)."""
+    places = {p: os.path.relpath(os.path.realpath(p), os.path.realpath(runs)) for p in (data, work)}
+    return {**places, runs: "."}
+
+
+@contextlib.contextmanager
+def _fold_process_view(family: str, runs: Path, places: dict[Path, str]) -> Iterator[list[Any]]:
+    """A fold's own process (folds side by side): Lightning's chatter to fit.log as in the
+    main process, and its epoch lines printed and logged there too."""
+    with _log_to(runs / LOG_FILE, places):
+        yield [_epoch_printer(family, _also_to_log(functools.partial(print, flush=True)))]
+
+
 def _silent(line: str) -> None:
     """The progress view of a process other than rank 0: nothing, rank 0 shows it."""
 
@@ -764,6 +779,13 @@ def stage_model(ctx: FitContext, family: str) -> None:
     engine = _engine(ctx.plan, family)
     folds = engine.train_folds if engine.train_folds is not None else range(engine.folds)
     cb = [_epoch_printer(family, ctx.log, list(folds))]
+    # On CPU the folds train side by side, `workers` at a time (the engine decides).
+    side = {
+        "fold_workers": ctx.workers,
+        "fold_context": functools.partial(
+            _fold_process_view, family, ctx.runs, _log_places(ctx.data, ctx.runs, ctx.work)
+        ),
+    }
     if family == "multitask":
         # Relative to the run folder, so the runs folder can move.
         extra = [f"sr_run=../{RUN_DIRS['sr']}"] if "sr" in stages_of(ctx.plan) else []
@@ -772,6 +794,7 @@ def stage_model(ctx: FitContext, family: str) -> None:
             ctx.run_dir(family),
             overrides=[*ctx.plan.overrides[family], *extra],
             callbacks=cb,
+            **side,
         )
     else:
         result = train_sequence(
@@ -779,6 +802,7 @@ def stage_model(ctx: FitContext, family: str) -> None:
             ctx.run_dir(family),
             overrides=ctx.plan.overrides[family],
             callbacks=cb,
+            **side,
         )
     ctx.report.oof[family] = result.score
     ctx.log(
@@ -837,10 +861,7 @@ def _fit_stages(
     if (runs / FIT_FILE).exists():
         state = {**state, **json.loads((runs / FIT_FILE).read_text())}
     stages = stages_of(plan)
-    # fit.log is in the runs folder: the places Lightning's messages name are written relative
-    # to it (Lightning logs the resume checkpoint's path).
-    places = {p: os.path.relpath(os.path.realpath(p), os.path.realpath(runs)) for p in (data, work)}
-    with _log_to(runs / LOG_FILE, {**places, runs: "."}):
+    with _log_to(runs / LOG_FILE, _log_places(data, runs, work)):
         for i, stage in enumerate(stages, 1):
             if not writer:
                 # Rank 0 did every earlier stage before it started this process.

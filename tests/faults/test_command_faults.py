@@ -307,8 +307,12 @@ def _until(proc: subprocess.Popen[str], text: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: the folds train side by side
 def test_ctrl_c_during_fit_says_where_exits_130_and_the_same_command_resumes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    workers: str,
 ) -> None:
     import lsdc.training.engine  # noqa: F401 - imported now, so the checks below are quick
     from lsdc.synth import generate_dataset
@@ -319,7 +323,7 @@ def test_ctrl_c_during_fit_says_where_exits_130_and_the_same_command_resumes(
     )  # fmt: skip
     runs = tmp_path / "runs"
     fit = ["fit", str(data), "--out", str(runs), "--preset", "tiny", "--models", "multitask",
-           "multitask.engine.epochs=3"]  # fmt: skip
+           "multitask.engine.epochs=3", "--workers", workers]  # fmt: skip
     with (tmp_path / "stderr").open("w") as err:
         # Its own process group, as a terminal's foreground job: Ctrl-C reaches every process.
         proc = subprocess.Popen(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -352,3 +356,57 @@ def test_a_compiled_model_trains_and_saves_the_same_weight_names(toy_sequence_ca
     info = json.loads((run / "run.json").read_text())
     plain = build_model(info["model_name"], **info["model_kwargs"])
     load_model_weights(plain, run / "fold0" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_folds_side_by_side_give_the_oof_of_folds_one_after_the_other(
+    toy_sequence_cache, tmp_path, one_thread
+):
+
+    cache = toy_sequence_cache(n_studies=6, size=32)
+    args = {"folds": 2, "epochs": 2, "overrides": TINY}
+    alone = train_sequence(cache, tmp_path / "alone", **args)
+    # Each fold's process enters the context and trains with the callbacks it gives.
+    side = train_sequence(
+        cache,
+        tmp_path / "side",
+        fold_workers=2,
+        fold_context=_marking_context,
+        **args,
+    )
+    assert sorted((tmp_path / "side").glob("fold*/marked")) == [
+        tmp_path / "side" / "fold0" / "marked",
+        tmp_path / "side" / "fold1" / "marked",
+    ]
+    np.testing.assert_array_equal(side.study_ids, alone.study_ids)
+    np.testing.assert_allclose(side.probs, alone.probs, atol=1e-5)
+    for k in (0, 1):
+        a = json.loads((tmp_path / "alone" / f"fold{k}" / "history.json").read_text())
+        b = json.loads((tmp_path / "side" / f"fold{k}" / "history.json").read_text())
+        assert [e["val_loss"] for e in a] == pytest.approx([e["val_loss"] for e in b], abs=1e-5)
+
+
+@contextlib.contextmanager
+def _marking_context():
+    from lightning.pytorch.callbacks import Callback
+
+    class Mark(Callback):
+        def on_train_end(self, trainer, pl_module):
+            (Path(trainer.default_root_dir) / "marked").write_text(str(os.getpid()))
+
+    yield [Mark()]
+
+
+def _fold_or_fail(out, k):
+    if k == 1:
+        raise ValueError("a broken fold")
+    (out / f"fold{k}").write_text("trained")
+
+
+def test_a_failed_fold_is_named_and_the_others_still_train(tmp_path):
+    from lsdc.training.engine import _side_by_side
+
+    with pytest.raises(RuntimeError, match=r"fold 1: ValueError: a broken fold") as err:
+        _side_by_side(functools.partial(_fold_or_fail, tmp_path), [0, 1, 2], 2, tmp_path)
+    assert "fold 0" not in str(err.value) and "fold 2" not in str(err.value)
+    assert (tmp_path / "fold0").read_text() == (tmp_path / "fold2").read_text() == "trained"

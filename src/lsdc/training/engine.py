@@ -23,6 +23,11 @@ run folder
 An interrupted run resumes: finished folds are skipped, an unfinished fold continues from its
 `last.ckpt` (model, optimiser, scheduler and loop state).
 
+Folds side by side (`FoldProcesses`): on CPU, with one training process per fold, the folds
+left train at the same time, each in a process of its own with its share of the cores. One fold's
+training keeps about one core busy (the loading and the small convolutions of the CPU presets
+do not spread over threads), so two folds on two cores take about the time of one.
+
 Several processes (`engine.devices`, `engine.num_nodes`, `engine.strategy`; Lightning's DDP, started
 by Lightning itself, torchrun or SLURM): every process runs this code, only global rank 0 writes the
 run folder, which must be on a file system all nodes share. Validation and the OOF prediction are
@@ -36,9 +41,14 @@ least `labels` (B, 25) int (-1 = unlabelled) and `study_id` (B,).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +160,21 @@ class CVResult:
     weighted_prior_score: dict[str, float] = field(default_factory=dict)
     # OOF score after calibration fitted on the other folds (None: not calibrated)
     calibrated_score: dict[str, float] | None = None
+
+
+# Entered in a fold's process around its training, giving the fold's Lightning callbacks (a
+# progress line, the log file).
+FoldContext = Callable[[], contextlib.AbstractContextManager[Sequence[Any]]]
+
+
+@dataclass
+class FoldProcesses:
+    """How to train the folds left in up to `workers` processes at once. Everything here
+    travels by pickle (module-level functions or `functools.partial`s of them)."""
+
+    workers: int
+    task: Callable[[], TrainTask]  # builds the same task in the fold's process
+    context: FoldContext | None = None  # None: no callbacks there
 
 
 # --------------------------------------------------------------------------- Lightning module
@@ -704,13 +729,141 @@ def _train_fold(
     return ids, probs, epoch_s, extra
 
 
+# A fold's (val study ids, val probs (n, 25, 3), mean epoch s, the task's `oof_outputs` of the
+# val studies, the fold's s).
+FoldResult = tuple[np.ndarray, np.ndarray, float, dict[str, np.ndarray], float]
+
+
+def _run_fold(
+    task: TrainTask,
+    cfg: EngineConfig,
+    run_dir: Path,
+    k: int,
+    train_ids: list[int],
+    val_ids: list[int],
+    callbacks: Sequence[Any],
+    writer: bool,
+) -> FoldResult:
+    """Train fold `k`; the writer writes its oof.npz, then its result.json (the fold is
+    complete)."""
+    fold_dir = run_dir / f"fold{k}"
+    fold_dir.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    vids, vprobs, secs, extra = _train_fold(task, cfg, fold_dir, train_ids, val_ids, callbacks)
+    seconds = time.perf_counter() - t0
+    if writer:
+        save_npz(
+            fold_dir / "oof.npz",
+            {"study_ids": vids, "probs": vprobs, **{f"out_{n}": v for n, v in extra.items()}},
+            {"epoch_seconds": secs},
+        )
+        atomic_write_json(
+            fold_dir / "result.json", {"fold": k, "seconds": seconds, "val_studies": len(vids)}
+        )
+    return vids, vprobs, secs, extra, seconds
+
+
+def _side_by_side(fn: Callable[[int], Any], folds: list[int], workers: int, run_dir: Path) -> None:
+    """`fn(k)` for every fold in its own process, `workers` at a time. Ctrl-C (or any error
+    here) interrupts the folds running, which stop at once and resume from their last epoch on
+    the next run; a failed fold does not stop the others."""
+    # forkserver: a child forked from a process whose OpenMP runtime ran can hang (parallel.py)
+    ctx = multiprocessing.get_context("forkserver")
+    waiting, failed = list(folds), []
+    running: dict[int, tuple[Any, Any]] = {}  # fold -> (process, the end its error comes on)
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                k = waiting.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_fold_child, args=(fn, k, send), name=f"lsdc fold{k}")
+                proc.start()
+                send.close()
+                running[k] = (proc, receive)
+            multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+            for k, (proc, receive) in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                del running[k]
+                error = _received(receive)
+                if proc.exitcode != 0 or error:
+                    failed.append(f"fold {k}: {error or f'its process ended with {proc.exitcode}'}")
+    except BaseException:
+        for proc, _ in running.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        for proc, _ in running.values():
+            proc.join()
+        raise
+    if failed:
+        raise RuntimeError(f"{run_dir}: " + "; ".join(failed))
+
+
+def _received(end: Any) -> str | None:
+    """What a fold's process sent: its error, or None (none sent: it died before it could)."""
+    try:
+        return end.recv()
+    except EOFError:
+        return None
+
+
+def _fold_child(fn: Callable[[int], Any], k: int, errors: Any) -> None:
+    """A fold process: Ctrl-C stops its training (as in the main process); its error, if any,
+    goes back to the parent as text."""
+    from lsdc.interrupt import Interrupted, sigint_raises
+
+    try:
+        with sigint_raises():
+            fn(k)
+        errors.send(None)
+    except Interrupted:
+        errors.send("interrupted")
+        raise SystemExit(130) from None
+    except Exception as exc:  # reported by the parent, with the fold
+        errors.send(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+
+
+def _fold_process(
+    make_task: Callable[[], TrainTask],
+    context: FoldContext | None,
+    cfg: EngineConfig,
+    run_dir: Path,
+    split: dict[int, tuple[list[int], list[int]]],
+    workers: int,
+    k: int,
+) -> int:
+    """One fold in a worker process of `run_cross_validation` (its share of the cores)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    with context() if context is not None else contextlib.nullcontext(()) as callbacks:
+        _run_fold(make_task(), cfg, run_dir, k, *split[k], list(callbacks), True)
+    return k
+
+
+def _fold_result(run_dir: Path, k: int, outputs: Sequence[str]) -> FoldResult:
+    """A finished fold's (val ids, val probs, mean epoch s, oof outputs, fold s), from disk."""
+    from lsdc.fileio import load_npz
+
+    fold_dir = run_dir / f"fold{k}"
+    arrays, meta = load_npz(fold_dir / "oof.npz")
+    extra = {n: arrays[f"out_{n}"] for n in outputs}
+    seconds = float(json.loads((fold_dir / "result.json").read_text())["seconds"])
+    return arrays["study_ids"], arrays["probs"], meta["epoch_seconds"], extra, seconds
+
+
 def run_cross_validation(
-    run_dir: str | Path, task: TrainTask, cfg: EngineConfig, callbacks: Sequence[Any] = ()
+    run_dir: str | Path,
+    task: TrainTask,
+    cfg: EngineConfig,
+    callbacks: Sequence[Any] = (),
+    parallel: FoldProcesses | None = None,
 ) -> CVResult:
     """Train every (selected) fold of `task` into `run_dir`, resuming what was done; write OOF
     predictions, their score, the class-prior score on the same rows and the curves.
-    `callbacks`: extra Lightning callbacks for every fold's Trainer. With several processes,
-    each returns the same result and only global rank 0 writes."""
+    `callbacks`: extra Lightning callbacks for every fold's Trainer (in this process).
+    `parallel`: train the folds left side by side (on CPU, one process per fold; see the
+    module docstring). With several processes, each returns the same result and only global
+    rank 0 writes."""
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"engine.keep must be 'best' or 'last', got {cfg.keep!r}")
     processes = world_size(cfg)  # a mistyped engine.devices fails here, not after the first folds
@@ -770,40 +923,34 @@ def run_cross_validation(
         if (run_dir / f"fold{k}" / "result.json").exists()
         and (run_dir / f"fold{k}" / "oof.npz").exists()
     }
+    todo = [k for k in selected if k not in finished]
+    split = {k: (ids[folds != k].tolist(), ids[folds == k].tolist()) for k in todo}
+    side_by_side = (
+        parallel is not None
+        and parallel.workers > 1
+        and len(todo) > 1
+        and processes == 1
+        and resolve_precision(cfg)[0] == "cpu"
+    )
+    trained: dict[int, FoldResult] = {}
+    if side_by_side:
+        assert parallel is not None
+        workers = min(parallel.workers, len(todo))
+        fn = functools.partial(
+            _fold_process, parallel.task, parallel.context, cfg, run_dir, split, workers
+        )
+        _side_by_side(fn, todo, workers, run_dir)
+    else:
+        # Kept in memory: under DDP the other ranks must not read what rank 0 may still write.
+        for k in todo:
+            trained[k] = _run_fold(task, cfg, run_dir, k, *split[k], callbacks, writer)
+
     oof_ids, oof_probs, fold_seconds, epoch_seconds = [], [], {}, []
     oof_extra: dict[str, list[np.ndarray]] = {k: [] for k in task.oof_outputs}
     for k in selected:
-        fold_dir = run_dir / f"fold{k}"
-        fold_dir.mkdir(exist_ok=True)
-        done = fold_dir / "result.json"
-        if k in finished:
-            from lsdc.fileio import load_npz
-
-            arrays, meta = load_npz(fold_dir / "oof.npz")
-            vids, vprobs, secs = arrays["study_ids"], arrays["probs"], meta["epoch_seconds"]
-            extra = {k: arrays[f"out_{k}"] for k in task.oof_outputs}
-            fold_seconds[k] = float(json.loads(done.read_text())["seconds"])
-        else:
-            t0 = time.perf_counter()
-            train_ids = ids[folds != k].tolist()
-            val_ids = ids[folds == k].tolist()
-            vids, vprobs, secs, extra = _train_fold(
-                task, cfg, fold_dir, train_ids, val_ids, callbacks
-            )
-            fold_seconds[k] = time.perf_counter() - t0
-            if writer:
-                save_npz(
-                    fold_dir / "oof.npz",
-                    {
-                        "study_ids": vids,
-                        "probs": vprobs,
-                        **{f"out_{n}": v for n, v in extra.items()},
-                    },
-                    {"epoch_seconds": secs},
-                )
-                atomic_write_json(
-                    done, {"fold": k, "seconds": fold_seconds[k], "val_studies": len(vids)}
-                )
+        vids, vprobs, secs, extra, fold_seconds[k] = trained.get(k) or _fold_result(
+            run_dir, k, task.oof_outputs
+        )
         oof_ids.append(vids)
         oof_probs.append(vprobs)
         for name, value in extra.items():

@@ -43,6 +43,8 @@ from lsdc.training.engine import (
     SUMMARY_FILE,
     CVResult,
     EngineConfig,
+    FoldContext,
+    FoldProcesses,
     TrainTask,
     is_global_zero,
     resolve_run_config,
@@ -375,18 +377,23 @@ def train_multitask(
     overrides: Sequence[str] = (),
     config_path: str | Path | None = None,
     callbacks: Sequence[Any] = (),
+    fold_workers: int = 1,
+    fold_context: FoldContext | None = None,
 ) -> CVResult:
-    """Cross-validate the multitask model on `cache_dir` into `run_dir` (resumable)."""
+    """Cross-validate the multitask model on `cache_dir` into `run_dir` (resumable); on CPU,
+    `fold_workers` folds side by side (`FoldProcesses`, with `fold_context`)."""
     import json
 
     cfg, saved = resolve_run_config(
         MultitaskTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
         config_path=config_path,
     )  # fmt: skip
-    task = multitask_task(cache_dir, cfg, saved.parent)
+    make_task = partial(multitask_task, cache_dir, cfg, saved.parent)
+    task = make_task()
     if is_global_zero():
         save_config(cfg, saved)
-    result = run_cross_validation(saved.parent, task, cfg.engine, callbacks)
+    parallel = FoldProcesses(fold_workers, make_task, fold_context)
+    result = run_cross_validation(saved.parent, task, cfg.engine, callbacks, parallel)
     if not is_global_zero():
         return result  # the same result; rank 0 writes its keypoint error
     errors = keypoint_errors_mm(cache_dir, result.study_ids, result.outputs["keypoints"])

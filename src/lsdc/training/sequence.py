@@ -21,6 +21,8 @@ from lsdc.preprocess.cache import StudyCache
 from lsdc.training.engine import (
     CVResult,
     EngineConfig,
+    FoldContext,
+    FoldProcesses,
     TrainTask,
     is_global_zero,
     resolve_run_config,
@@ -113,12 +115,17 @@ def train_sequence(
     overrides: Sequence[str] = (),
     config_path: str | Path | None = None,
     callbacks: Sequence[Any] = (),
+    fold_workers: int = 1,
+    fold_context: FoldContext | None = None,
 ) -> CVResult:
-    """Cross-validate the sequence model on `cache_dir` into `run_dir` (resumable)."""
+    """Cross-validate the sequence model on `cache_dir` into `run_dir` (resumable); on CPU,
+    `fold_workers` folds side by side (`FoldProcesses`, with `fold_context`)."""
     cfg, saved = resolve_run_config(
         SequenceTrainConfig, run_dir, folds=folds, epochs=epochs, overrides=overrides,
         config_path=config_path,
     )  # fmt: skip
     if is_global_zero():
         save_config(cfg, saved)
-    return run_cross_validation(run_dir, sequence_task(cache_dir, cfg), cfg.engine, callbacks)
+    make_task = partial(sequence_task, cache_dir, cfg)
+    parallel = FoldProcesses(fold_workers, make_task, fold_context)
+    return run_cross_validation(run_dir, make_task(), cfg.engine, callbacks, parallel)
