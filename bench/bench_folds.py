@@ -6,7 +6,8 @@ multitask cache (and trains the model side by side, which warms every file cache
 same training is timed twice more into fresh run folders: one fold after the other
 (`fold_workers=1`), then side by side (`fold_workers=W`). The figure is the ratio of the two,
 beside how many cores the one-process training keeps busy (CPU time / wall time) and both OOF
-scores, which must agree to float noise.
+scores, which are close but not equal: one fold on all the cores' threads rounds differently
+from one on its share, and training amplifies it.
 
     python bench/bench_folds.py                       # 80 studies at 128 px, 3 epochs: ~6 min
     python bench/bench_folds.py --data PHANTOM --epochs 2
