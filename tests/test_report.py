@@ -207,3 +207,18 @@ def test_ensemble_section_names_each_groups_weights_and_the_verdict(tmp_path: Pa
     text = write_report(tmp_path / "r3", scores=SCORES, ensemble=ensemble).read_text()
     assert "Kept: <b>multitask alone</b>" in text
     assert "the pool adds nothing multitask does not see" in text
+    # One model: its calibration, no contest to report.
+    one = {
+        "models": ["multitask"],
+        "weights": {g: {"multitask": 1.0} for g in ensemble["weights"]},
+        "oof": {
+            "studies": 80,
+            "ensemble": {"score": 0.6653},
+            "models": {"multitask": {"score": 0.6852}},
+            "beats_each_model": False,
+        },
+    }
+    text = write_report(tmp_path / "r4", scores=SCORES, ensemble=one).read_text()
+    assert "One model: the ensemble is its calibration" in text
+    assert "0.6653 calibrated (cross-fitted), 0.6852 raw" in text
+    assert "Kept:" not in text and "does not beat" not in text

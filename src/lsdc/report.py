@@ -224,7 +224,13 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
         lines.append(f"<tr><td>{esc(group)}</td>{cells}</tr>")
     lines.append("</table>")
     oof = ens.get("oof") or {}
-    if oof.get("ensemble"):
+    if oof.get("ensemble") and len(models) == 1:
+        raw = (oof.get("models") or {}).get(models[0], {}).get("score")
+        lines.append(
+            f'<p class="note">Out of fold, on {esc(str(oof.get("studies", "")))} studies: '
+            f"{_num(oof['ensemble']['score'])} calibrated (cross-fitted), {_num(raw)} raw.</p>"
+        )
+    elif oof.get("ensemble"):
         own = {m: (oof.get("models_calibrated") or {}).get(m, {}).get("score") for m in models}
         text = ", ".join(f"{m} {_num(s)}" for m, s in own.items() if s is not None)
         pool = (oof.get("pool") or {}).get("score")
