@@ -25,9 +25,9 @@ An interrupted run resumes: finished folds are skipped, an unfinished fold conti
 
 Folds side by side (`FoldProcesses`): on CPU, with one training process per fold, the folds
 left train at the same time, each in a process of its own with its share of the cores. The small
-convolutions of the CPU presets gain little from a second thread (one fold on two threads kept
-1.8 cores busy, yet two folds side by side on one thread each took 0.53x its time:
-bench/bench_folds.py).
+convolutions of the CPU presets gain less from a second thread than from a second fold (one fold
+on two threads kept 1.7 cores busy, yet two folds side by side on one thread each took 0.88x its
+time: bench/bench_folds.py).
 
 Several processes (`engine.devices`, `engine.num_nodes`, `engine.strategy`; Lightning's DDP, started
 by Lightning itself, torchrun or SLURM): every process runs this code, only global rank 0 writes the
