@@ -220,39 +220,39 @@ def fit_candidate(
     return Ensemble(list(names), [""] * len(names), weights, cal)
 
 
-def candidates(names: Sequence[str]) -> list[str]:
-    return [POOL, *names] if len(names) > 1 else [POOL]
-
-
 def cross_fit(
-    choice: str,
+    choice: str | None,
     labels: np.ndarray,
     probs: Sequence[np.ndarray],
     names: Sequence[str],
     split: np.ndarray,
+    seed: int = 0,
 ) -> np.ndarray:
-    """(n, 25, 3): each fold of `split` predicted by `choice` fitted on the other folds."""
+    """(n, 25, 3): each fold of `split` predicted by the candidate `choice` fitted on the other
+    folds; `choice` None: the candidate is also chosen on the other folds alone (`choose`)."""
     out = np.empty((len(labels), 25, 3))
-    for f in np.unique(split):
+    folds = np.unique(split)
+    for f in folds:
         tr, te = split != f, split == f
-        ens = fit_candidate(choice, labels[tr], [p[tr] for p in probs], names)
+        train = [p[tr] for p in probs]
+        fold_choice = choice or choose(labels[tr], train, names, len(folds), seed + 1 + int(f))
+        ens = fit_candidate(fold_choice, labels[tr], train, names)
         out[te] = ens.combine([p[te] for p in probs])
     return out
 
 
 def choose(
     labels: np.ndarray, probs: Sequence[np.ndarray], names: Sequence[str], folds: int, seed: int
-) -> tuple[str, dict[str, float]]:
-    """The candidate with the best cross-fitted score on (labels, probs), and every
-    candidate's score."""
-    cands = candidates(names)
-    if len(cands) == 1:
-        return cands[0], {}
+) -> str:
+    """The candidate (the pool or one model of `names` alone) with the best score cross-fitted
+    on (labels, probs)."""
     split = _split(np.arange(len(labels)), max(2, min(folds, len(labels))), seed)
-    scores = {
-        c: score_arrays(labels, cross_fit(c, labels, probs, names, split))["score"] for c in cands
-    }
-    return best_candidate(scores), scores
+    return best_candidate(
+        {
+            c: score_arrays(labels, cross_fit(c, labels, probs, names, split))["score"]
+            for c in (POOL, *names)
+        }
+    )
 
 
 def best_candidate(scores: Mapping[str, float]) -> str:
@@ -344,26 +344,21 @@ def fit_ensemble(
     ids, labels, probs = align(oofs)
     k = max(2, min(folds, len(ids)))
     split = _split(ids, k, seed)
-    pool = cross_fit(POOL, labels, probs, names, split)
-    own = {n: cross_fit(n, labels, probs, names, split) for n in names} if len(names) > 1 else {}
-    own = own or {names[0]: pool}
-    chosen = pool if len(names) == 1 else np.empty((len(ids), 25, 3))
     prior_rows = np.empty((len(ids), 25, 3))
     for f in range(k):
-        tr, te = split != f, split == f
-        prior_rows[te] = class_prior(labels[tr])
-        if len(names) > 1:
-            train = [p[tr] for p in probs]
-            choice, _ = choose(labels[tr], train, names, k, seed + 1 + f)
-            ens = fit_candidate(choice, labels[tr], train, names)
-            chosen[te] = ens.combine([p[te] for p in probs])
+        prior_rows[split == f] = class_prior(labels[split != f])
+    pool = cross_fit(POOL, labels, probs, names, split)
+    if len(names) == 1:  # nothing to choose: the pool of one model is its calibration
+        own, chosen, choice = {names[0]: pool}, pool, POOL
+    else:
+        own = {n: cross_fit(n, labels, probs, names, split) for n in names}
+        chosen = cross_fit(None, labels, probs, names, split, seed)
+        # The saved ensemble's choice: on the same folds as `pool` and `own`, so no refit.
+        choice = best_candidate(
+            {c: score_arrays(labels, p)["score"] for c, p in {POOL: pool, **own}.items()}
+        )
     equal = Ensemble(
         names, [""] * len(names), np.full((len(METRIC_GROUPS), len(names)), 1 / len(names))
-    )
-    # The saved ensemble's choice: on the same folds as `pool` and `own`, so no refit.
-    choice = best_candidate(
-        {POOL: score_arrays(labels, pool)["score"]}
-        | ({n: score_arrays(labels, own[n])["score"] for n in names} if len(names) > 1 else {})
     )
     report = EnsembleReport(
         studies=len(ids),
