@@ -362,7 +362,6 @@ def test_a_compiled_model_trains_and_saves_the_same_weight_names(toy_sequence_ca
 def test_folds_side_by_side_give_the_oof_of_folds_one_after_the_other(
     toy_sequence_cache, tmp_path, one_thread
 ):
-
     cache = toy_sequence_cache(n_studies=6, size=32)
     args = {"folds": 2, "epochs": 2, "overrides": TINY}
     alone = train_sequence(cache, tmp_path / "alone", **args)
@@ -374,10 +373,10 @@ def test_folds_side_by_side_give_the_oof_of_folds_one_after_the_other(
         fold_context=_marking_context,
         **args,
     )
-    assert sorted((tmp_path / "side").glob("fold*/marked")) == [
-        tmp_path / "side" / "fold0" / "marked",
-        tmp_path / "side" / "fold1" / "marked",
-    ]
+    marks = sorted((tmp_path / "side").glob("fold*/marked"))
+    assert marks == [tmp_path / "side" / "fold0" / "marked", tmp_path / "side" / "fold1" / "marked"]
+    pids = {int(m.read_text()) for m in marks}  # two processes of their own, not this one
+    assert len(pids) == 2 and os.getpid() not in pids
     np.testing.assert_array_equal(side.study_ids, alone.study_ids)
     np.testing.assert_allclose(side.probs, alone.probs, atol=1e-5)
     for k in (0, 1):
