@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     runs = args.work / "runs"
     epochs = f"multitask.engine.epochs={args.epochs}"
-    report = fit(
+    fit(
         data, runs, preset="demo", models=["multitask"], overrides=[epochs], workers=args.workers
     )
     serial = timed_training(args, args.work / "serial", 1)
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
         "studies": args.train_studies,
         "size": args.size,
         "epochs": args.epochs,
-        "fit_multitask_stage_s": report.seconds.get("multitask"),
         "one_after_the_other": serial,
         "side_by_side": side,
         "wall_ratio": round(side["wall_s"] / serial["wall_s"], 3),
