@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     runs = args.work / "runs"
     epochs = f"multitask.engine.epochs={args.epochs}"
-    fit(
-        data, runs, preset="demo", models=["multitask"], overrides=[epochs], workers=args.workers
-    )
+    fit(data, runs, preset="demo", models=["multitask"], overrides=[epochs], workers=args.workers)
     serial = timed_training(args, args.work / "serial", 1)
     side = timed_training(args, args.work / "side", args.workers)
     result = {
