@@ -189,6 +189,7 @@ def test_ensemble_section_names_each_groups_weights_and_the_verdict(tmp_path: Pa
             "studies": 40,
             "ensemble": {"score": 0.71},
             "chosen": "pool",
+            "pool_se": 0.0123,
             "pool": {"score": 0.69},
             "models_calibrated": {"multitask": {"score": 0.70}, "sequence": {"score": 0.80}},
             "beats_each_model": False,
@@ -197,13 +198,15 @@ def test_ensemble_section_names_each_groups_weights_and_the_verdict(tmp_path: Pa
     text = write_report(tmp_path / "r", scores=SCORES, ensemble=ensemble).read_text()
     assert "<h2>Ensemble</h2>" in text and "0.90" in text and "0.10" in text
     assert "Kept: <b>the pool</b>" in text and "it scores 0.7100" in text
+    assert "the pool minus the best model alone: -0.0100 ± 0.0123" in text
+    assert "standard error over studies: within noise)" in text
     assert "the pool scores 0.6900" in text and "multitask 0.7000, sequence 0.8000" in text
     assert "does not beat every model alone" in text
     ensemble["oof"]["beats_each_model"] = True
     text = write_report(tmp_path / "r2", scores=SCORES, ensemble=ensemble).read_text()
     assert "It beats every model alone." in text
     ensemble["weights"] = {g: {"multitask": 1.0, "sequence": 0.0} for g in ensemble["weights"]}
-    ensemble["oof"].update(chosen="multitask", beats_each_model=False)
+    ensemble["oof"].update(chosen="multitask", beats_each_model=False, pool={"score": 0.75})
     text = write_report(tmp_path / "r3", scores=SCORES, ensemble=ensemble).read_text()
     assert "Kept: <b>multitask alone</b>" in text
     assert "the pool adds nothing multitask does not see" in text

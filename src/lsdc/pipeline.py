@@ -814,14 +814,15 @@ def stage_model(ctx: FitContext, family: str) -> None:
 
 def stage_ensemble(ctx: FitContext) -> None:
     """Per-group weights and calibration over the families' OOF predictions."""
-    from lsdc.inference.ensemble import fit_ensemble, save_ensemble
+    from lsdc.inference.ensemble import POOL, fit_ensemble, save_ensemble
 
     runs = {m: ctx.run_dir(m) for m in ctx.plan.models}
     ens, rep = fit_ensemble(runs, folds=ctx.plan.ensemble_folds)
     ctx.report.ensemble = rep.to_dict()
     save_ensemble(ens, ctx.runs / ENSEMBLE_FILE, ctx.report.ensemble)
+    kept = "the pool" if rep.chosen == POOL else f"{rep.chosen} alone"
     ctx.log(
-        f"  ensemble OOF {rep.score['score']:.4f} (cross-fitted; class prior "
+        f"  ensemble OOF {rep.score['score']:.4f} (cross-fitted; kept {kept}; class prior "
         f"{rep.class_prior['score']:.4f}; "
         + ", ".join(f"{m} {s['score']:.4f}" for m, s in rep.models.items())
         + ")"

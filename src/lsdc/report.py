@@ -250,10 +250,23 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
         lines.append(
             f'<p class="note">Out of fold, cross-fitted on {esc(str(oof.get("studies", "")))} '
             f"studies: the pool scores {_num(pool)}, each model with its own calibration "
-            f"{esc(text)}. Kept: <b>{esc(kept)}</b>; chosen and fitted on the other folds "
+            f"{esc(text)}{esc(_pool_against_best(pool, own, oof.get('pool_se')))}. "
+            f"Kept: <b>{esc(kept)}</b>; chosen and fitted on the other folds "
             f"each time, it scores {_num(oof['ensemble']['score'])}. {esc(verdict)}</p>"
         )
     return "\n".join(lines)
+
+
+def _pool_against_best(pool: Any, own: Mapping[str, Any], se: Any) -> str:
+    """' (the pool minus the best model alone: D ± SE ...)', or '' without the figures."""
+    scores = [x for x in own.values() if isinstance(x, (int, float))]
+    if not isinstance(pool, (int, float)) or not scores or not isinstance(se, (int, float)):
+        return ""
+    diff = pool - min(scores)
+    return (
+        f" (the pool minus the best model alone: {diff:+.4f} ± {se:.4f}, one bootstrap "
+        f"standard error over studies{': within noise' if abs(diff) <= se else ''})"
+    )
 
 
 def _oof_section(run_dirs: Mapping[str, str | Path]) -> str:

@@ -11,6 +11,7 @@ from lsdc.inference.ensemble import (
     Ensemble,
     fit_ensemble,
     load_ensemble,
+    paired_se,
     save_ensemble,
 )
 from lsdc.metrics import score_arrays
@@ -67,6 +68,7 @@ def test_a_model_that_only_adds_noise_is_dropped_and_the_report_is_cross_fitted(
     assert report.chosen == "good"
     np.testing.assert_array_equal(ens.weights, [[1.0, 0.0]] * 3)
     assert report.studies == len(ids) and report.folds == 4
+    assert report.pool["score"] - report.models_calibrated["good"]["score"] > report.pool_se > 0
     assert report.score["score"] < report.pool["score"] - 0.01
     assert report.score["score"] <= report.models_calibrated["good"]["score"] + 1e-9
     assert report.score["score"] < report.class_prior["score"]
@@ -98,6 +100,22 @@ def test_a_constant_model_stays_in_the_pool_where_mixing_it_helps(tmp_path):
     ens, report = fit_ensemble(runs, folds=4)
     assert report.chosen == "pool" and (ens.weights[:, 1] > 0.1).all()
     assert report.score["score"] < report.models_calibrated["weak"]["score"]
+
+
+def test_the_paired_standard_error_is_wide_for_a_gain_on_few_studies():
+    # A pool better on three studies and worse on two: its gain is noise, and the standard
+    # error says so. The same gain spread over every study is not.
+    rng = np.random.default_rng(1)
+    labels = _labels(60, rng)
+    alone = _informative(labels, 1.5, rng)
+    lumpy = alone.copy()
+    lumpy[:3] = np.eye(3)[labels[:3]] * 0.9 + 0.1 / 3
+    lumpy[3:5] = np.eye(3)[(labels[3:5] + 1) % 3] * 0.35 + 0.65 / 3
+    steady = 0.8 * alone + 0.2 * _informative(labels, 1.5, rng)
+    for pool, noise in ((lumpy, True), (steady, False)):
+        gain = score_arrays(labels, alone)["score"] - score_arrays(labels, pool)["score"]
+        assert gain > 0 and (gain < paired_se(labels, pool, alone)) == noise
+    assert paired_se(labels, alone, alone) == 0.0
 
 
 def test_a_model_kept_alone_falls_back_to_the_others_on_studies_it_could_not_see():
