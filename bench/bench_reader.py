@@ -132,6 +132,7 @@ def train_reader(
     mask,
     labels,
     prior,
+    *,
     epochs: int,
     jitter: float,
     seed: int,
@@ -254,11 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
             mask[tr],
             labels[tr],
             prior,
-            args.epochs,
-            args.jitter,
-            int(f),
-            args.lr,
-            args.batch,
+            epochs=args.epochs,
+            jitter=args.jitter,
+            seed=int(f),
+            lr=args.lr,
+            batch=args.batch,
         )
         readers["weighted prior"][te] = prior
         readers["true"][te] = predict(true_w[te], mask[te])
