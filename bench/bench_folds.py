@@ -4,12 +4,15 @@ the other against side by side (`lsdc fit --workers 2`), on the same cache in th
 `lsdc fit --preset demo --models multitask` first builds the phantom's slice relevance and
 multitask cache (and trains the model side by side, which warms every file cache); then the
 same training is timed twice more into fresh run folders, each in a fresh process: one fold
-after the other (`fold_workers=1`), then side by side (`fold_workers=W`). (In the process that
-had just run the fit, one fold's epoch took 19 s against 10-13 s in a fresh one, which made
-side by side look twice as fast.) The figure is the ratio of the two, beside how many cores
-the one-process training keeps busy (CPU time / wall time) and both OOF scores, which are
-close but not equal: one fold on all the cores' threads rounds differently from one on its
-share, and training amplifies it.
+after the other (`fold_workers=1`), then side by side (`fold_workers=W`). (A first version
+timed it in the process that had just run the fit: one fold's epoch took 19 s against 10-13 s
+in a fresh one. Measured again on the idle machine, the demo's training for one epoch took 33 s
+right after a whole `fit` in the same process, 35 s a second time, and 35-41 s in fresh
+processes: no slowdown, so the 19 s was most likely other work sharing the two cores. A fresh
+process per timing keeps the figure safe from either.) The figure is the ratio of the two,
+beside how many cores the one-process training keeps busy (CPU time / wall time) and both OOF
+scores, which are close but not equal: one fold on all the cores' threads rounds differently
+from one on its share, and training amplifies it.
 
     python bench/bench_folds.py                       # 80 studies at 128 px, 3 epochs: ~8 min
     python bench/bench_folds.py --data PHANTOM --epochs 2
