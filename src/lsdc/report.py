@@ -260,7 +260,7 @@ def _ensemble_section(ens: Mapping[str, Any]) -> str:
 def _pool_against_best(pool: Any, own: Mapping[str, Any], se: Any) -> str:
     """' (the pool minus the best model alone: D ± SE ...)', or '' without the figures."""
     scores = [x for x in own.values() if isinstance(x, (int, float))]
-    if not isinstance(pool, (int, float)) or not scores or not isinstance(se, (int, float)):
+    if not scores or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (pool, se)):
         return ""
     diff = pool - min(scores)
     return (

@@ -116,6 +116,13 @@ def test_the_paired_standard_error_is_wide_for_a_gain_on_few_studies():
         gain = score_arrays(labels, alone)["score"] - score_arrays(labels, pool)["score"]
         assert gain > 0 and (gain < paired_se(labels, pool, alone)) == noise
     assert paired_se(labels, alone, alone) == 0.0
+    # A study set whose only foraminal label is in one study: resamples without it score NaN
+    # and are left out, not spread into the figure.
+    sparse = labels.copy()
+    sparse[1:, 5:15] = -1
+    assert np.isfinite(paired_se(sparse, lumpy, alone))
+    sparse[:, 5:15] = -1
+    assert np.isnan(paired_se(sparse, lumpy, alone))
 
 
 def test_a_model_kept_alone_falls_back_to_the_others_on_studies_it_could_not_see():

@@ -270,14 +270,17 @@ def paired_se(
     labels: np.ndarray, a: np.ndarray, b: np.ndarray, resamples: int = 200, seed: int = 0
 ) -> float:
     """The bootstrap standard error of score(a) - score(b) over studies (rows), both scored on
-    the same resampled rows: the pairing removes what the studies share (how hard they are)."""
+    the same resampled rows: the pairing removes what the studies share (how hard they are).
+    A resample that leaves a metric group without a label scores NaN and is left out; NaN when
+    fewer than two are left."""
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(resamples):
         rows = rng.integers(0, len(labels), len(labels))
         lab = labels[rows]
         diffs.append(score_arrays(lab, a[rows])["score"] - score_arrays(lab, b[rows])["score"])
-    return float(np.std(diffs, ddof=1))
+    finite = np.asarray(diffs)[np.isfinite(diffs)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
 
 
 def _split(study_ids: np.ndarray, folds: int, seed: int) -> np.ndarray:
