@@ -37,6 +37,8 @@ def batch(toy_multitask_cache):
         {"fine_stride": 4},
         {"window_pool": "grid"},
         {"refine": True},
+        {"refine": True, "keypoint_heads": "series"},
+        {"keypoint_head": "regression", "keypoint_heads": "series"},
     ],
 )
 def test_outputs_and_masks(batch, kwargs):
@@ -138,6 +140,7 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch(batch):
         {},
         {"keypoint_head": "regression", "combine": "learned"},
         {"refine": True, "second_backbone": "shared", "heads": "target"},
+        {"refine": True, "keypoint_heads": "series"},
         {"second_pass": False},
     ],
 )
@@ -325,6 +328,42 @@ def test_bad_settings_are_refused():
         MultitaskModel(**TINY, upsample="lanczos")
     with pytest.raises(ValueError, match="heads"):
         MultitaskModel(**TINY, heads="level")
+    with pytest.raises(ValueError, match="keypoint_heads"):
+        MultitaskModel(**TINY, keypoint_heads="crop")
+
+
+@pytest.mark.parametrize("head", ["heatmap", "regression"])
+def test_series_keypoint_heads_move_only_their_own_series_points(batch, head):
+    # With one head per series type, Sagittal T2's head places the spinal points and nothing
+    # else, though its crop shares the sagittal group with Sagittal T1's two.
+    from lsdc.constants import SAGITTAL_T2
+
+    torch.manual_seed(0)
+    model = build_model(
+        "multitask", **TINY, keypoint_head=head, keypoint_heads="series", refine=True
+    ).eval()
+    sag = GROUPS[0]
+    t2 = [j for c, st in zip(sag.targets, sag.series, strict=True) if st == SAGITTAL_T2 for j in c]
+    assert len(t2) == 5 and all(TARGETS[j].startswith("spinal") for j in t2)
+    others = [j for j in range(25) if j not in t2]
+    with torch.no_grad():
+        before = model(batch)
+        layer = model.heatmap["sagittal"] if head == "heatmap" else model.regress["sagittal"]
+        kinds = list(dict.fromkeys(sag.series))
+        rows = layer.weight.shape[0] // len(kinds)
+        t2_rows = slice(kinds.index(SAGITTAL_T2) * rows, (kinds.index(SAGITTAL_T2) + 1) * rows)
+        layer.weight[t2_rows] += torch.randn_like(layer.weight[t2_rows])
+        after = model(batch)
+    moved = (after["keypoints_first"] - before["keypoints_first"]).abs().sum(-1)  # (B, 25)
+    assert (moved[:, t2] > 1e-4).all()
+    torch.testing.assert_close(moved[:, others], torch.zeros_like(moved[:, others]))
+    # The refiner's Sagittal T2 map likewise moves only the spinal windows' refined points.
+    with torch.no_grad():
+        model.refiner.net[-1].weight[1] += torch.randn_like(model.refiner.net[-1].weight[1])
+        again = model(batch)
+    shift = (again["keypoints"] - after["keypoints"]).abs().sum(-1)
+    assert (shift[:, t2] > 1e-4).all()
+    torch.testing.assert_close(shift[:, others], torch.zeros_like(shift[:, others]))
 
 
 def test_head_sharing_maps_targets_to_the_right_heads():

@@ -54,19 +54,21 @@ class CropGroup:
     name: str
     keys: tuple[str, ...]
     targets: tuple[tuple[int, ...], ...]  # (n_crops, K) indices into TARGETS
+    series: tuple[str, ...]  # series type of each crop
 
 
 def _groups() -> tuple[CropGroup, CropGroup]:
     from lsdc.preprocess.multitask import crop_key, keypoint_names
     from lsdc.preprocess.slice_relevance import tasks_for
 
-    out = {"sagittal": ([], []), "axial": ([], [])}
+    out = {"sagittal": ([], [], []), "axial": ([], [], [])}
     for st in SERIES_TYPES:
         for task in tasks_for(st):
-            keys, targets = out["axial" if st == AXIAL_T2 else "sagittal"]
+            keys, targets, series = out["axial" if st == AXIAL_T2 else "sagittal"]
             keys.append(crop_key(st, task))
             targets.append(tuple(TARGETS.index(f"{c}_{lv}") for c, lv in keypoint_names(st, task)))
-    return tuple(CropGroup(g, tuple(k), tuple(t)) for g, (k, t) in out.items())  # type: ignore[return-value]
+            series.append(st)
+    return tuple(CropGroup(g, tuple(k), tuple(t), tuple(s)) for g, (k, t, s) in out.items())  # type: ignore[return-value]
 
 
 GROUPS: tuple[CropGroup, ...] = _groups()

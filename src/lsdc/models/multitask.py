@@ -10,9 +10,11 @@ First pass, per crop: a timm backbone with the 3 slices as channels gives a fine
 about one cell per lumbar level) and a coarse map, fused into one map (`fuse`). The keypoint
 head is a heatmap per keypoint with a soft-argmax (`keypoint_head="heatmap"`) or a direct
 regression from pooled features (`"regression"`); both give x/y normalised to the crop ([0, 1]
-edge to edge) and a visibility logit. Severity of a keypoint comes from the fused features
-sampled at its predicted position plus the crop's global features, through one head per
-condition and level.
+edge to edge) and a visibility logit. The crops of a group share one keypoint head
+(`keypoint_heads="group"`), or each series type has its own ("series": Sagittal T1's foramina
+and Sagittal T2's canal are different points on different contrasts). Severity of a keypoint
+comes from the fused features sampled at its predicted position plus the crop's global features,
+through one head per condition and level.
 
 Second pass, per keypoint: a window centred on the predicted keypoint (on the true one where the
 batch asks for teacher forcing) is sampled from the finest pixels the batch carries, upsampled
@@ -51,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsdc.constants import SEVERITIES, TARGETS, mirror_target
+from lsdc.constants import SERIES_TYPES, SEVERITIES, TARGETS, mirror_target
 from lsdc.data.multitask import GROUPS
 from lsdc.models.backbones import WindowEncoder, create_backbone, create_spatial_backbone
 from lsdc.models.registry import register_model
@@ -118,6 +120,7 @@ class TargetHeads(nn.Module):
 
 HEAD_SHARING = ("target", "side", "condition")
 COMBINE = ("second", "average", "learned")
+KEYPOINT_HEADS = ("group", "series")
 
 
 def _head_index(heads: str) -> list[int]:
@@ -139,7 +142,7 @@ class WindowRefiner(nn.Module):
     resolution, a one-channel heatmap and its soft-argmax. (M, C, P, P) -> (M, 2) x/y
     normalised to the window ([0, 1] edge to edge)."""
 
-    def __init__(self, in_chans: int = 3, width: int = 16) -> None:
+    def __init__(self, in_chans: int = 3, width: int = 16, kinds: int = 1) -> None:
         super().__init__()
 
         def block(a: int, c: int) -> list[nn.Module]:
@@ -150,15 +153,21 @@ class WindowRefiner(nn.Module):
             nn.MaxPool2d(2),
             *block(width, 2 * width),
             *block(2 * width, 2 * width),
-            nn.Conv2d(2 * width, 1, 1),
+            nn.Conv2d(2 * width, kinds, 1),  # one map per kind of window (series type)
         )
 
-    def heatmap(self, windows: torch.Tensor) -> torch.Tensor:
-        """(M, C, P, P) windows -> (M, 1, P/2, P/2) logits of where the keypoint lies."""
-        return self.net((windows - PIXEL_MEAN) / PIXEL_STD)
+    def heatmap(self, windows: torch.Tensor, kinds: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, C, P, P) windows, each of kind `kinds` (M,) (None: all 0) -> (M, 1, P/2, P/2)
+        logits of where the keypoint lies."""
+        maps = self.net((windows - PIXEL_MEAN) / PIXEL_STD)
+        if maps.shape[1] == 1:
+            return maps
+        if kinds is None:
+            kinds = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)
+        return maps[torch.arange(maps.shape[0], device=maps.device), kinds][:, None]
 
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        return soft_argmax(self.heatmap(windows))[:, 0]
+    def forward(self, windows: torch.Tensor, kinds: torch.Tensor | None = None) -> torch.Tensor:
+        return soft_argmax(self.heatmap(windows, kinds))[:, 0]
 
 
 def _drop_unbuilt_keypoint_head(
@@ -184,6 +193,7 @@ class MultitaskModel(nn.Module):
         hidden_dim: int = 256,
         dropout: float = 0.2,
         keypoint_head: str = "heatmap",
+        keypoint_heads: str = "group",
         second_pass: bool = True,
         second_backbone: str = "window",
         window_sagittal: float = 0.06,
@@ -209,6 +219,10 @@ class MultitaskModel(nn.Module):
             )
         if upsample not in ("sr", "bicubic", "none"):
             raise ValueError(f"upsample must be 'sr', 'bicubic' or 'none', not {upsample!r}")
+        if keypoint_heads not in KEYPOINT_HEADS:
+            raise ValueError(
+                f"keypoint_heads must be one of {KEYPOINT_HEADS}, not {keypoint_heads!r}"
+            )
         if combine not in COMBINE:
             raise ValueError(f"combine must be one of {COMBINE}, not {combine!r}")
         self.keypoint_head = keypoint_head
@@ -232,13 +246,29 @@ class MultitaskModel(nn.Module):
         )
         self.global_proj = nn.Sequential(nn.Linear(nf, d), nn.LayerNorm(d), nn.GELU())
         k_of = {g.name: len(g.targets[0]) for g in GROUPS}
+        # Which keypoint head each crop uses: one per group, or one per series type within it
+        # (`keypoint_heads="series"`: Sagittal T1's foramina and Sagittal T2's canal are other
+        # points on other contrasts, yet share the sagittal group's shape). The refiner's maps
+        # follow the same choice, over all series types.
+        self.kp_heads_of: dict[str, int] = {}
+        for g in GROUPS:
+            kinds = list(dict.fromkeys(g.series)) if keypoint_heads == "series" else [None]
+            self.kp_heads_of[g.name] = len(kinds)
+            local = [kinds.index(st) if keypoint_heads == "series" else 0 for st in g.series]
+            kind = [SERIES_TYPES.index(st) if keypoint_heads == "series" else 0 for st in g.series]
+            self.register_buffer(f"kp_head_{g.name}", torch.as_tensor(local), persistent=False)
+            self.register_buffer(f"refine_kind_{g.name}", torch.as_tensor(kind), persistent=False)
         # Keypoint heads per group (their K differ: 5 sagittal, 2 axial). Only the head in use
         # is built: one without gradients stalls DDP's gradient reduction. (Weights saved when
         # both were built still load: `_drop_unbuilt_keypoint_head`.)
         if keypoint_head == "heatmap":
-            self.heatmap = nn.ModuleDict({g: nn.Conv2d(d, k, 1) for g, k in k_of.items()})
+            self.heatmap = nn.ModuleDict(
+                {g: nn.Conv2d(d, self.kp_heads_of[g] * k, 1) for g, k in k_of.items()}
+            )
         else:
-            self.regress = nn.ModuleDict({g: nn.Linear(d, 2 * k) for g, k in k_of.items()})
+            self.regress = nn.ModuleDict(
+                {g: nn.Linear(d, self.kp_heads_of[g] * 2 * k) for g, k in k_of.items()}
+            )
         self.register_load_state_dict_pre_hook(_drop_unbuilt_keypoint_head)
         self.visible = nn.ModuleDict({g: nn.Linear(d, k) for g, k in k_of.items()})
         index = _head_index(heads)
@@ -268,7 +298,8 @@ class MultitaskModel(nn.Module):
             self.second_heads = TargetHeads(hidden_dim, index)
             # Local refinement: a heatmap over each window places its keypoint at the
             # window's finer pixels (a first-pass cell on a 64-px sagittal crop is ~17 mm).
-            self.refiner = WindowRefiner(3) if refine else None
+            kinds = len(SERIES_TYPES) if keypoint_heads == "series" else 1
+            self.refiner = WindowRefiner(3, kinds=kinds) if refine else None
             if combine == "learned":
                 self.mix = nn.Parameter(torch.zeros(N_TARGETS))  # per-target weight, sigmoid
             self.sr: nn.Module | None = None
@@ -325,13 +356,25 @@ class MultitaskModel(nn.Module):
     def forward_keypoints(
         self, group: str, fmap: torch.Tensor, glob: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(points (N, K, 2) normalised, visibility logits (N, K), heatmaps (N, K, h, w))."""
+        """Crops of `group` (N = batch x the group's crops, crop-minor) -> (points (N, K, 2)
+        normalised, visibility logits (N, K), heatmaps (N, K, h, w))."""
         vis = self.visible[group](glob)
+        n, k = vis.shape
         if self.keypoint_head == "heatmap":
-            hm = self.heatmap[group](fmap)
+            hm = self._own_head(group, self.heatmap[group](fmap), k)
             return soft_argmax(hm), vis, hm
-        k = vis.shape[1]
-        return self.regress[group](glob).sigmoid().reshape(-1, k, 2), vis, None
+        xy = self._own_head(group, self.regress[group](glob), k)
+        return xy.reshape(n, k, 2).sigmoid(), vis, None
+
+    def _own_head(self, group: str, out: torch.Tensor, k: int) -> torch.Tensor:
+        """Every head's output for each crop (N, heads * C, ...) -> its own head's (N, C, ...)."""
+        if self.kp_heads_of[group] == 1:
+            return out
+        n = out.shape[0]
+        out = out.reshape(n, self.kp_heads_of[group], -1, *out.shape[2:])
+        per_crop = getattr(self, f"kp_head_{group}")
+        head = per_crop.repeat(n // per_crop.numel())  # crops are crop-minor in N
+        return out[torch.arange(n, device=out.device), head]
 
     def forward_head(
         self, fmap: torch.Tensor, glob: torch.Tensor, points: torch.Tensor, targets: torch.Tensor
@@ -439,7 +482,8 @@ class MultitaskModel(nn.Module):
             windows = self.windows_at(g.name, fine, fine_hw, centres.reshape(b * n, k, 2))
             if self.refiner is not None:
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
-                hm_r = self.refiner.heatmap(windows)  # (B*n*K, 1, p, p)
+                kinds = getattr(self, f"refine_kind_{g.name}")[None, :, None].expand(b, n, k)
+                hm_r = self.refiner.heatmap(windows, kinds.reshape(-1))  # (B*n*K, 1, p, p)
                 r = soft_argmax(hm_r)[:, 0]  # (B*n*K, 2)
                 # For a heatmap loss on the refiner (`loss.refine_heatmap_weight`): where each
                 # window lies, to put the true point into it.

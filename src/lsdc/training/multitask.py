@@ -66,6 +66,8 @@ class MultitaskModelConfig:
     hidden_dim: int = 256
     dropout: float = 0.2
     keypoint_head: str = "heatmap"  # heatmap | regression
+    # One keypoint head (and refiner map) per crop group, or per series type ("series").
+    keypoint_heads: str = "group"
     second_pass: bool = True
     second_backbone: str = "window"  # window (compact CNN) | shared | a timm model name
     # Half side of a second-pass window, fraction of the crop: about 17 mm on a 280-mm sagittal
