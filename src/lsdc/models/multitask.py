@@ -361,12 +361,12 @@ class MultitaskModel(nn.Module):
         vis = self.visible[group](glob)
         n, k = vis.shape
         if self.keypoint_head == "heatmap":
-            hm = self._own_head(group, self.heatmap[group](fmap), k)
+            hm = self._own_head(group, self.heatmap[group](fmap))
             return soft_argmax(hm), vis, hm
-        xy = self._own_head(group, self.regress[group](glob), k)
+        xy = self._own_head(group, self.regress[group](glob))
         return xy.reshape(n, k, 2).sigmoid(), vis, None
 
-    def _own_head(self, group: str, out: torch.Tensor, k: int) -> torch.Tensor:
+    def _own_head(self, group: str, out: torch.Tensor) -> torch.Tensor:
         """Every head's output for each crop (N, heads * C, ...) -> its own head's (N, C, ...)."""
         if self.kp_heads_of[group] == 1:
             return out
