@@ -341,9 +341,14 @@ def test_sync_batchnorm_reaches_the_trainer_and_is_refused_on_cpu_processes(
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs g++")
-def test_a_compiled_model_trains_and_saves_the_same_weight_names(toy_sequence_cache, tmp_path):
+def test_a_compiled_model_trains_and_saves_the_same_weight_names(
+    toy_sequence_cache, tmp_path, monkeypatch
+):
     """engine.compile=true (torch.compile, inductor on the CPU here): one fold trains, and its
     saved weights load into a plain model."""
+    # A cache of its own: inductor trusts whatever its shared cache in /tmp holds, and a compile
+    # killed mid-link there (an interrupted run) leaves an empty .so that fails every later load.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     from lsdc.models.registry import build_model
     from lsdc.training.engine import load_model_weights
 
