@@ -159,8 +159,7 @@ def train_reader(
 
     def forward(x, m):
         b = x.shape[0]
-        feats = model.second_mlp(model.embed_windows(x.flatten(0, 1)))
-        logits = model.second_heads(feats, targets.repeat(b)).reshape(b, 25, 3)
+        logits = model.read_windows(x.flatten(0, 1), targets.repeat(b)).reshape(b, 25, 3)
         return torch.where(m[..., None], logits, prior_logits[None].expand(b, -1, -1))
 
     def move(x, offsets):  # (B, 25, C, P, P), offsets (B * 25, 2) in half-window units
@@ -211,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--jitter", type=float, default=0.0, help="training offsets, half windows")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
     p.add_argument("--batch", type=int, default=4, help="studies a step (25 windows each)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (fold k: 100 * seed + k)")
     p.add_argument("--shift", type=int, default=2, help="window pixels, the shift probe")
     p.add_argument("--out", type=Path, default=Path("bench/results/bench_reader.json"))
     p.add_argument(
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             prior,
             epochs=args.epochs,
             jitter=args.jitter,
-            seed=int(f),
+            seed=100 * args.seed + int(f),
             lr=args.lr,
             batch=args.batch,
         )
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jitter": args.jitter,
         "lr": args.lr,
         "batch": args.batch,
+        "seed": args.seed,
         "shift_px": args.shift,
         "window_px": int(true_w.shape[-1]),
         "reader": {k: v for k, v in kwargs.items() if k.startswith("window")},

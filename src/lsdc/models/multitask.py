@@ -433,6 +433,10 @@ class MultitaskModel(nn.Module):
             return self.second(x)
         return self.backbone(x)[1].mean(dim=(2, 3))
 
+    def read_windows(self, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Second-pass logits (M, 3) of windows (M, 3, P, P) in [0, 1] of targets (M,)."""
+        return self.second_heads(self.second_mlp(self.embed_windows(windows)), targets)
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -510,8 +514,7 @@ class MultitaskModel(nn.Module):
                 # Right-side windows mirrored: one head reads both sides the same way.
                 right = torch.isin(flat_targets, self.right_axial)
                 windows = torch.where(right[:, None, None, None], windows.flip(-1), windows)
-            feats = self.second_mlp(self.embed_windows(windows))
-            second = self.second_heads(feats, flat_targets).float().reshape(b, n * k, 3)
+            second = self.read_windows(windows, flat_targets).float().reshape(b, n * k, 3)
             logits2.scatter_(1, flat_t[..., None].expand(-1, -1, 3), second)
         prior = self.prior_logits[None].expand(b, -1, -1)
         logits1 = torch.where(present[..., None], logits1, prior)
