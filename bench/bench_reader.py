@@ -61,7 +61,9 @@ def sample_windows(
 
     pred = Predictor.from_run(run, folds=[0], device="cpu")
     model = pred.models[0]
-    model.windows = {"sagittal": kwargs["window_sagittal"], "axial": kwargs["window_axial"]}
+    model.set_windows(
+        kwargs["window_sagittal"], kwargs["window_axial"], kwargs.get("window_sagittal_t1", 0.0)
+    )
     model.window_px = kwargs["window_px"]
     ds = pred.family.dataset(cache_dir, ids, pred.info)
     windows, mask = None, np.zeros((len(ids), 25), bool)

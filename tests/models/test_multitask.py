@@ -277,7 +277,7 @@ def test_teacher_forcing_moves_the_second_pass_to_the_true_points(batch):
 
 
 def test_teacher_jitter_moves_each_window_off_its_true_point(batch):
-    model = build_model("multitask", **TINY, refine=True).eval()
+    model = build_model("multitask", **TINY, refine=True, window_sagittal_t1=0.03).eval()
     jitter = torch.rand(2, 25, 2) * 2 - 1
     forced = {**batch, "teacher": torch.ones(2, dtype=torch.bool), "teacher_jitter": jitter}
     with torch.no_grad():
@@ -286,8 +286,12 @@ def test_teacher_jitter_moves_each_window_off_its_true_point(batch):
         t = torch.as_tensor(g.targets)
         place = out[f"refine_windows_{g.name}"]  # centre x/y and half side, crop units
         known = forced["point_mask"][:, t].flatten()
-        expected = forced["points"][:, t] + jitter[:, t] * model.windows[g.name]
+        half = torch.tensor(
+            [0.03 if st == "Sagittal T1" else model.windows[g.name] for st in g.series]
+        )[None, :, None]  # per crop
+        expected = forced["points"][:, t] + jitter[:, t] * half[..., None]
         torch.testing.assert_close(place[known, :2], expected.flatten(0, 2)[known])
+        torch.testing.assert_close(place[:, 2], half.expand(2, -1, t.shape[1]).flatten())
 
 
 def test_read_refined_samples_the_windows_again_at_the_refined_points(batch, monkeypatch):
@@ -441,8 +445,14 @@ def test_windows_are_sampled_in_place_as_from_a_copy_per_window():
     from lsdc.models.multitask import window_grid
 
     torch.manual_seed(0)
-    model = build_model("multitask", **TINY, upsample="none").eval()
+    # The Sagittal T1 (foraminal) crops' windows half the size of the Sagittal T2 one's.
+    model = build_model(
+        "multitask", **TINY, upsample="none", window_sagittal=0.06, window_sagittal_t1=0.03
+    ).eval()
     n, k = 3, 5
+    series = next(g.series for g in GROUPS if g.name == "sagittal")
+    assert sorted(series) == ["Sagittal T1", "Sagittal T1", "Sagittal T2/STIR"]
+    half = torch.tensor([0.03 if st == "Sagittal T1" else 0.06 for st in series])
     fine = torch.rand(n, 3, 40, 48)
     hw = torch.tensor([[40, 48], [30, 44], [36, 20]])
     centres = torch.rand(n, k, 2)
@@ -451,7 +461,7 @@ def test_windows_are_sampled_in_place_as_from_a_copy_per_window():
     scale = torch.stack([wh[:, 0] / 48, wh[:, 1] / 40], dim=-1)
     px = got.shape[-1]
     grid = window_grid(
-        centres.reshape(n * k, 2), model.windows["sagittal"], px, scale.repeat_interleave(k, 0)
+        centres.reshape(n * k, 2), half.repeat_interleave(k), px, scale.repeat_interleave(k, 0)
     )
     want = F.grid_sample(fine.repeat_interleave(k, 0), grid, align_corners=False)
     torch.testing.assert_close(got, want)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsdc.constants import SERIES_TYPES, SEVERITIES, TARGETS, mirror_target
+from lsdc.constants import SAGITTAL_T1, SERIES_TYPES, SEVERITIES, TARGETS, mirror_target
 from lsdc.data.multitask import GROUPS
 from lsdc.models.backbones import WindowEncoder, create_backbone, create_spatial_backbone
 from lsdc.models.registry import register_model
@@ -83,15 +83,19 @@ def sample_points(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def window_grid(
-    centres: torch.Tensor, half: float, size: int, scale_xy: torch.Tensor
+    centres: torch.Tensor, half: float | torch.Tensor, size: int, scale_xy: torch.Tensor
 ) -> torch.Tensor:
     """Sampling grid (N, size, size, 2) of square windows of half-side `half` (normalised to the
-    crop) at `centres` (N, 2) normalised; `scale_xy` (N, 2) maps the crop frame to a padded
-    source (true size / padded size), both in grid_sample's [-1, 1] convention."""
+    crop; a float, or one per window (N,)) at `centres` (N, 2) normalised; `scale_xy` (N, 2)
+    maps the crop frame to a padded source (true size / padded size), both in grid_sample's
+    [-1, 1] convention."""
     t = (torch.arange(size, device=centres.device, dtype=centres.dtype) + 0.5) / size * 2 - 1
     gy, gx = torch.meshgrid(t, t, indexing="ij")  # (size, size)
-    offs = torch.stack([gx, gy], dim=-1) * half  # window offsets in crop units
-    pts = centres[:, None, None, :] + offs[None]  # (N, size, size, 2) in [0, 1] crop units
+    unit = torch.stack([gx, gy], dim=-1)[None]  # (1, size, size, 2)
+    if isinstance(half, torch.Tensor):
+        half = half.to(centres.dtype)[:, None, None, None]
+    offs = unit * half  # window offsets in crop units
+    pts = centres[:, None, None, :] + offs  # (N, size, size, 2) in [0, 1] crop units
     return pts * 2 * scale_xy[:, None, None, :] - 1
 
 
@@ -198,6 +202,7 @@ class MultitaskModel(nn.Module):
         second_backbone: str = "window",
         window_sagittal: float = 0.06,
         window_axial: float = 0.14,
+        window_sagittal_t1: float = 0.0,
         window_px: int = 32,
         upsample: str = "bicubic",
         sr_scale: int = 2,
@@ -227,7 +232,7 @@ class MultitaskModel(nn.Module):
             raise ValueError(f"combine must be one of {COMBINE}, not {combine!r}")
         self.keypoint_head = keypoint_head
         self.second_pass = second_pass
-        self.windows = {"sagittal": window_sagittal, "axial": window_axial}
+        self.set_windows(window_sagittal, window_axial, window_sagittal_t1)
         self.window_px = window_px
         self.upsample_mode = upsample
         self.sr_scale = sr_scale
@@ -386,6 +391,25 @@ class MultitaskModel(nn.Module):
         h = self.first_mlp(feats).reshape(n * k, -1)
         return self.first_heads(h, targets.reshape(-1)).reshape(n, k, N_CLASSES)
 
+    def set_windows(self, sagittal: float, axial: float, sagittal_t1: float = 0.0) -> None:
+        """Half sides of the second-pass windows, fractions of the crop: one per crop group, and
+        for the Sagittal T1 (foraminal) crops `sagittal_t1` where > 0. A foramen is smaller than
+        the canal the Sagittal T2 window must take in with its borders."""
+        self.windows = {"sagittal": sagittal, "axial": axial}
+        for g in GROUPS:
+            half = [
+                sagittal_t1 if sagittal_t1 > 0 and st == SAGITTAL_T1 else self.windows[g.name]
+                for st in g.series
+            ]
+            self.register_buffer(f"half_{g.name}", torch.tensor(half), persistent=False)
+
+    def half_sides(self, group: str, sources: int) -> torch.Tensor:
+        """The window half side of each of `sources` crops of `group`, batch-major (B * n,)."""
+        half = getattr(self, f"half_{group}")
+        if sources % len(half):
+            raise ValueError(f"{sources} {group} sources: not whole studies of {len(half)} crops")
+        return half.repeat(sources // len(half))
+
     def windows_at(
         self,
         group: str,
@@ -405,7 +429,7 @@ class MultitaskModel(nn.Module):
         px = out_px if self.upsample_mode == "none" else self.window_px
         grid = window_grid(
             centres.reshape(n * k, 2),
-            self.windows[group],
+            self.half_sides(group, n).repeat_interleave(k),
             px,
             scale.repeat_interleave(k, dim=0),
         )
@@ -478,7 +502,8 @@ class MultitaskModel(nn.Module):
             if teacher is not None and "points" in batch:
                 true = batch["points"][:, targets]  # (B, n, K, 2)
                 if "teacher_jitter" in batch:
-                    true = true + batch["teacher_jitter"][:, targets] * self.windows[g.name]
+                    half = getattr(self, f"half_{g.name}")[None, :, None, None]
+                    true = true + batch["teacher_jitter"][:, targets] * half
                 forced = teacher[:, None, None] & batch["point_mask"][:, targets]
                 centres = torch.where(forced[..., None], true.to(centres.dtype), centres)
             fine = batch[f"{g.name}_fine"].flatten(0, 1)
@@ -486,6 +511,7 @@ class MultitaskModel(nn.Module):
             windows = self.windows_at(g.name, fine, fine_hw, centres.reshape(b * n, k, 2))
             if self.refiner is not None:
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
+                half = self.half_sides(g.name, b * n).repeat_interleave(k)[:, None].float()
                 kinds = getattr(self, f"refine_kind_{g.name}")[None, :, None].expand(b, n, k)
                 hm_r = self.refiner.heatmap(windows, kinds.reshape(-1))  # (B*n*K, 1, p, p)
                 r = soft_argmax(hm_r)[:, 0]  # (B*n*K, 2)
@@ -495,11 +521,11 @@ class MultitaskModel(nn.Module):
                 out[f"refine_windows_{g.name}"] = torch.cat(
                     [
                         centres.reshape(-1, 2).float(),
-                        centres.new_full((b * n * k, 1), 1.0).float() * self.windows[g.name],
+                        half,
                     ],
                     dim=1,
                 )  # (B*n*K, 3): centre x/y and half side, crop units
-                refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * self.windows[g.name]
+                refined = centres.reshape(-1, 2) + (r - 0.5) * 2 * half.to(r.dtype)
                 refined = refined.float().clamp(0, 1).reshape(b, n * k, 2)
                 refined_all.scatter_(1, flat_t[..., None].expand(-1, -1, 2), refined)
                 if self.read_refined:

@@ -74,6 +74,8 @@ class MultitaskModelConfig:
     # crop, 14 mm on a 100-mm axial one (a canal, a foramen, a recess and their borders).
     window_sagittal: float = 0.06
     window_axial: float = 0.14
+    # > 0: the half side of the Sagittal T1 (foraminal) windows instead of `window_sagittal`.
+    window_sagittal_t1: float = 0.0
     window_px: int = 32  # window sampled at this size, then upsampled x sr_scale
     upsample: str = "bicubic"  # sr | bicubic | none
     sr_scale: int = 2
