@@ -403,12 +403,13 @@ class MultitaskModel(nn.Module):
             ]
             self.register_buffer(f"half_{g.name}", torch.tensor(half), persistent=False)
 
-    def half_sides(self, group: str, sources: int) -> torch.Tensor:
-        """The window half side of each of `sources` crops of `group`, batch-major (B * n,)."""
+    def half_sides(self, group: str, sources: int, k: int) -> torch.Tensor:
+        """The half side of each of the `k` windows of `sources` crops of `group` (batch-major,
+        as the crops are flattened): (sources * k,)."""
         half = getattr(self, f"half_{group}")
         if sources % len(half):
             raise ValueError(f"{sources} {group} sources: not whole studies of {len(half)} crops")
-        return half.repeat(sources // len(half))
+        return half.repeat(sources // len(half)).repeat_interleave(k)
 
     def windows_at(
         self,
@@ -429,7 +430,7 @@ class MultitaskModel(nn.Module):
         px = out_px if self.upsample_mode == "none" else self.window_px
         grid = window_grid(
             centres.reshape(n * k, 2),
-            self.half_sides(group, n).repeat_interleave(k),
+            self.half_sides(group, n, k),
             px,
             scale.repeat_interleave(k, dim=0),
         )
@@ -511,7 +512,7 @@ class MultitaskModel(nn.Module):
             windows = self.windows_at(g.name, fine, fine_hw, centres.reshape(b * n, k, 2))
             if self.refiner is not None:
                 # Window [0, 1] -> crop units: centre + (r - 0.5) * 2 * half side.
-                half = self.half_sides(g.name, b * n).repeat_interleave(k)[:, None].float()
+                half = self.half_sides(g.name, b * n, k)[:, None].float()
                 kinds = getattr(self, f"refine_kind_{g.name}")[None, :, None].expand(b, n, k)
                 hm_r = self.refiner.heatmap(windows, kinds.reshape(-1))  # (B*n*K, 1, p, p)
                 r = soft_argmax(hm_r)[:, 0]  # (B*n*K, 2)
