@@ -16,7 +16,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"refine": True}, {"refine": True, "read_refined": True}, {"keypoint_head": "regression"}],
+    [
+        {},
+        {"refine": True},
+        {"refine": True, "read_refined": True},
+        {"keypoint_head": "regression"},
+        # The demo preset's model: series heads and the foraminal windows' own half side.
+        {
+            "refine": True,
+            "read_refined": True,
+            "keypoint_heads": "series",
+            "window_sagittal_t1": 0.045,
+        },
+    ],
 )
 def test_the_multitask_model_runs_under_bf16_autocast(toy_multitask_cache, kwargs):
     cache = toy_multitask_cache(n_studies=2, size=32, hires=48)
