@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -361,6 +362,25 @@ def test_a_compiled_model_trains_and_saves_the_same_weight_names(
     info = json.loads((run / "run.json").read_text())
     plain = build_model(info["model_name"], **info["model_kwargs"])
     load_model_weights(plain, run / "fold0" / "model.safetensors")
+
+
+def test_an_interrupted_compile_leaves_no_kernel_that_breaks_the_next(tmp_path, monkeypatch):
+    from lsdc.training.engine import remove_truncated_kernels
+
+    # A compile killed mid-link leaves an empty .so, which inductor would load ever after.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    (tmp_path / "jo").mkdir()
+    empty, cut, good = tmp_path / "jo" / "a.so", tmp_path / "jo" / "b.so", tmp_path / "c.so"
+    empty.write_bytes(b"")
+    cut.write_bytes(b"\x7fE")
+    good.write_bytes(b"\x7fELF" + bytes(60))
+    (tmp_path / "kernel.py").write_text("")
+    assert remove_truncated_kernels() == []  # too new: perhaps another process's, being linked
+    for path in (empty, cut, good):
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    assert sorted(remove_truncated_kernels()) == [empty, cut]
+    assert good.exists() and (tmp_path / "kernel.py").exists()
+    assert remove_truncated_kernels(tmp_path / "none") == []
 
 
 @pytest.mark.slow

@@ -562,6 +562,50 @@ def _checkpoint_readable(path: Path) -> bool:
     return True
 
 
+def remove_truncated_kernels(
+    root: str | Path | None = None, *, min_age_s: float = 30
+) -> list[Path]:
+    """Delete the compiled kernels (`*.so`) in inductor's cache (`root`, default the one torch
+    uses) that are not shared libraries. A compile stopped mid-link (Ctrl-C in a fit with
+    engine.compile=true) leaves an empty one, and inductor, which trusts its cache, then fails
+    every later compile of that kernel with "file too short"; deleted, it is compiled again.
+    Files younger than `min_age_s` are left: another process (a fold side by side) may be
+    linking them now."""
+    import sys
+
+    if root is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+        except ImportError:  # torch moved it: the same default, by hand
+            import getpass
+            import tempfile
+
+            def cache_dir() -> str:
+                default = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+                return os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(default))
+
+        root = cache_dir()
+    removed = []
+    for path in Path(root).rglob("*.so") if Path(root).is_dir() else ():
+        try:
+            if time.time() - path.stat().st_mtime < min_age_s:
+                continue
+            with path.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    continue
+            path.unlink()
+        except OSError:  # another process's, or already gone: not ours to judge
+            continue
+        removed.append(path)
+    if removed:
+        print(
+            f"{root}: removed {len(removed)} truncated compiled kernel(s) that an interrupted "
+            "compile left (they are compiled again)",
+            file=sys.stderr,
+        )
+    return removed
+
+
 def save_model_weights(model: nn.Module, path: str | Path) -> Path:
     """`model`'s weights at `path`, with their SHA-256 beside them (`lsdc.models.weights`)."""
     from lsdc.models.weights import save_weights
@@ -677,6 +721,8 @@ def _train_fold(
         row = {int(s): i for i, s in enumerate(task.study_ids)}
         task.init_model(model, task.labels[[row[int(s)] for s in train_ids]])
     if cfg.compile:
+        if is_global_zero():
+            remove_truncated_kernels()
         model.compile()
     lit = build_lit_module(model, cfg, task.loss_fn, task.oof_outputs, task.mirror_batch)
     accel, precision = resolve_precision(cfg)
