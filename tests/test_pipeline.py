@@ -46,6 +46,23 @@ def test_the_multitask_cache_is_built_at_the_presets_input_size(preset):
     assert cache.crop_size >= max(s or cache.crop_size for s in inputs)
 
 
+@pytest.mark.parametrize("preset", ["demo", "cpu", "gpu"])
+def test_every_preset_that_trains_for_quality_takes_the_measured_reader(preset):
+    """The learning curve's choices were in the demo preset alone: `lsdc fit --preset gpu`
+    trained without the refiner, the series heads or slice shift."""
+    from lsdc.config import load_config
+    from lsdc.preprocess.multitask import MultitaskConfig
+    from lsdc.training.multitask import MultitaskTrainConfig
+
+    plan = make_plan(preset)
+    cache = load_config(MultitaskConfig, None, plan.overrides["multitask_cache"])
+    train = load_config(MultitaskTrainConfig, None, plan.overrides["multitask"])
+    assert train.model.refine and train.model.read_refined
+    assert train.model.keypoint_heads == "series" and train.model.window_sagittal_t1 > 0
+    # slice shift moves the three slices read among the cache's 2 x neighbours + 1
+    assert train.data.augment.slice_shift_prob > 0 and cache.selection.neighbours >= 2
+
+
 def test_fit_runs_its_named_stage_units_in_order_and_records_each(tmp_path, monkeypatch):
     """The stages are units the loop runs (`STAGE_ACTIONS`), testable without training."""
     from lsdc.parallel import LOCAL

@@ -79,13 +79,60 @@ RUN_DIRS = {
     "sequence": "sequence",
 }
 
+# The multitask choices measured on the learning curve's phantom (bench/README.md, README's
+# Learning curve), none tied to the input size, the data's size or the hardware: every preset
+# that trains for quality takes them. They were chosen at the demo's scale (64-px input, 100-200
+# studies); the cpu and gpu presets have not been measured with or without them.
+_MULTITASK_READER: list[str] = [
+    # Chosen on the out-of-fold studies of a 100-study training subset of the learning
+    # curve's phantom (never its test studies): with these, the calibrated OOF score
+    # was 0.86x the weighted prior against 0.96x without (bench/README.md); refinement
+    # and the bilinear heatmap target took the median keypoint error from 1.4 to 0.8 mm
+    # (axial) and 6.5 to 5.3 mm (Sagittal T1); the average of the weights (a 1-epoch
+    # time constant) steadies the late epochs.
+    "model.refine=true",
+    "loss.heatmap_target=bilinear",
+    "model.window_pool=grid",
+    "model.window_pixels=16",
+    "engine.ema_epochs=1",
+    "data.augment.slice_shift_prob=0.3",
+    # Half the studies' second pass on their true points all through training, each
+    # window up to half its half side off: a reader trained on exactly centred windows
+    # learns where its point sits in them (bench/bench_reader.py), and a refiner only
+    # sees its point in the middle. On the curve's 200 training studies (out of fold)
+    # the Sagittal T1 keypoints went from 3.7 / 8.7 to 2.0 / 5.1 mm (median / p90), T2
+    # from 4.0 / 10.6 to 3.5 / 9.3, raw severity from 0.95x to 0.89x the weighted prior
+    # and calibrated 0.84x both; at 100 studies 0.88x calibrated both.
+    "data.augment.teacher_end=0.5",
+    "data.augment.teacher_jitter=0.5",
+    # The second pass reads where the refiner puts each point: the same 200-study
+    # models, reading again at their refined points, went from 0.89x to 0.82x the
+    # weighted prior out of fold (spinal 1.02x -> 0.90x); trained so, 0.79x calibrated
+    # at 200 studies, but 0.95x at 100, where the Sagittal T2 points are still 6 mm off.
+    "model.read_refined=true",
+    # A keypoint head and refiner map per series type: on the curve's 200 training
+    # studies (out of fold, two seeds) the Sagittal T2 keypoints went from 3.1 / 7.2 and
+    # 3.1 / 7.1 mm (median / p90) to 1.6 / 5.0 and 1.8 / 5.2, at 100 from 5.1 / 11.6 to
+    # 2.9 / 10.4; the calibrated severity score moved +0.042, -0.039 and -0.005 (a mean
+    # of -0.001: unchanged within the fits' noise).
+    "model.keypoint_heads=series",
+    # Foraminal windows (Sagittal T1) of a 0.045 half side, the spinal ones (Sagittal
+    # T2) kept at 0.06: on the curve's training studies (out of fold, calibrated) the
+    # score went 0.509 -> 0.468 and 0.439 -> 0.432 at 200 studies (two seeds) and 0.659 ->
+    # 0.645 at 100, foraminal in all three. 0.045 for every sagittal window helped
+    # foraminal too but cost spinal (0.454 -> 0.568): a smaller T2 window keeps the
+    # refiner from reaching the canal's centre (T2 p90 5.0 -> 6.7 mm).
+    "model.window_sagittal_t1=0.045",
+]
+
 # What each preset sets per stage; user overrides come after and win. Model sizes and epochs
 # are the levers: the data decides the rest.
 PRESETS: dict[str, dict[str, list[str]]] = {
     # Minutes on 2 CPU cores, on a phantom of 80 training studies at 128 px.
     "demo": {
         "relevance": ["folds=3"],
-        # Five slices a crop, so that training can shift the three it reads (slice shift).
+        # Five slices a crop, so that training can shift the three it reads (slice shift;
+        # every preset with `_MULTITASK_READER`).
         "multitask_cache": ["selection.neighbours=2"],
         "sequence_cache": ["size=64"],
         "sr": ["steps=300", "channels=16", "num_blocks=2", "batch_size=16", "patch=32"],
@@ -112,45 +159,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
             "model.fine_stride=4",
             "model.window_px=24",
             "model.upsample=bicubic",
-            # Chosen on the out-of-fold studies of a 100-study training subset of the learning
-            # curve's phantom (never its test studies): with these, the calibrated OOF score
-            # was 0.86x the weighted prior against 0.96x without (bench/README.md); refinement
-            # and the bilinear heatmap target took the median keypoint error from 1.4 to 0.8 mm
-            # (axial) and 6.5 to 5.3 mm (Sagittal T1); the average of the weights (a 1-epoch
-            # time constant) steadies the late epochs.
-            "model.refine=true",
-            "loss.heatmap_target=bilinear",
-            "model.window_pool=grid",
-            "model.window_pixels=16",
-            "engine.ema_epochs=1",
-            "data.augment.slice_shift_prob=0.3",
-            # Half the studies' second pass on their true points all through training, each
-            # window up to half its half side off: a reader trained on exactly centred windows
-            # learns where its point sits in them (bench/bench_reader.py), and a refiner only
-            # sees its point in the middle. On the curve's 200 training studies (out of fold)
-            # the Sagittal T1 keypoints went from 3.7 / 8.7 to 2.0 / 5.1 mm (median / p90), T2
-            # from 4.0 / 10.6 to 3.5 / 9.3, raw severity from 0.95x to 0.89x the weighted prior
-            # and calibrated 0.84x both; at 100 studies 0.88x calibrated both.
-            "data.augment.teacher_end=0.5",
-            "data.augment.teacher_jitter=0.5",
-            # The second pass reads where the refiner puts each point: the same 200-study
-            # models, reading again at their refined points, went from 0.89x to 0.82x the
-            # weighted prior out of fold (spinal 1.02x -> 0.90x); trained so, 0.79x calibrated
-            # at 200 studies, but 0.95x at 100, where the Sagittal T2 points are still 6 mm off.
-            "model.read_refined=true",
-            # A keypoint head and refiner map per series type: on the curve's 200 training
-            # studies (out of fold, two seeds) the Sagittal T2 keypoints went from 3.1 / 7.2 and
-            # 3.1 / 7.1 mm (median / p90) to 1.6 / 5.0 and 1.8 / 5.2, at 100 from 5.1 / 11.6 to
-            # 2.9 / 10.4; the calibrated severity score moved +0.042, -0.039 and -0.005 (a mean
-            # of -0.001: unchanged within the fits' noise).
-            "model.keypoint_heads=series",
-            # Foraminal windows (Sagittal T1) of a 0.045 half side, the spinal ones (Sagittal
-            # T2) kept at 0.06: on the curve's training studies (out of fold, calibrated) the
-            # score went 0.509 -> 0.468 and 0.439 -> 0.432 at 200 studies (two seeds) and 0.659 ->
-            # 0.645 at 100, foraminal in all three. 0.045 for every sagittal window helped
-            # foraminal too but cost spinal (0.454 -> 0.568): a smaller T2 window keeps the
-            # refiner from reaching the canal's centre (T2 p90 5.0 -> 6.7 mm).
-            "model.window_sagittal_t1=0.045",
+            *_MULTITASK_READER,
             "engine.progress_bar=false",
         ],
         # Its validation score is flat from the second epoch on (0.739 at epoch 2, 0.738 at 10)
@@ -190,7 +199,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     # A CPU machine on a real-size dataset: small backbones, moderate inputs.
     "cpu": {
         "relevance": [],
-        "multitask_cache": [],
+        "multitask_cache": ["selection.neighbours=2"],
         "sequence_cache": ["size=96"],
         "sr": ["steps=1000"],
         "multitask": [
@@ -201,6 +210,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
             "data.input.axial_size=128",
             "model.window_px=32",
             "model.upsample=sr",
+            *_MULTITASK_READER,
             "engine.progress_bar=false",
         ],
         "sequence": [
@@ -217,7 +227,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         # Crops at the model's 256-px input (the default 128-px crops were upsampled: four
         # times the compute, no new pixels); the second pass reads windows from copies of up
         # to 512 px, the real sagittal slices' size.
-        "multitask_cache": ["crop_size=256", "hires_max=512"],
+        "multitask_cache": ["crop_size=256", "hires_max=512", "selection.neighbours=2"],
         "sequence_cache": ["size=128"],
         "sr": ["steps=3000", "device=cuda"],
         "multitask": [
@@ -232,6 +242,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
             "data.input.axial_size=256",
             "model.window_px=48",
             "model.upsample=sr",
+            *_MULTITASK_READER,
             "engine.progress_bar=false",
         ],
         "sequence": [
