@@ -42,6 +42,8 @@ sys.path.insert(0, str(HERE))
 from common import run_child  # noqa: E402
 
 TRAIN_TABLES = ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv")
+# Issue 18's targets: the ensemble's test score / the weighted prior at N training studies.
+TARGETS = {40: 0.85, 100: 0.70, 200: 0.55, 400: 0.45}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -313,6 +315,12 @@ def plot_curve(points: list[dict], png: Path, before: list[dict] | None = None) 
     ax.axhline(
         1.0, color="black", lw=0.8, label="weighted prior of the whole training set (best constant)"
     )
+    shown = sorted(n for n in TARGETS if n in ticks)
+    if shown:
+        ax.scatter(
+            shown, [TARGETS[n] for n in shown], marker="_", s=300, lw=2, color="tab:red",
+            zorder=3, label="target (issue 18)",
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xticks(sorted(ticks), [str(x) for x in sorted(ticks)])
     ax.minorticks_off()
