@@ -437,6 +437,15 @@ def test_window_widths_set_the_readers_stages(batch):
     assert cfg.model.window_widths == [8, 16, 24]
 
 
+def test_windows_set_on_a_moved_model_stay_on_its_device():
+    # bench_reader sets the windows of a loaded model; on a GPU the half sides must follow it.
+    model = build_model("multitask", **TINY).to("meta")
+    model.set_windows(0.05, 0.1, 0.03)
+    for g in GROUPS:
+        half = getattr(model, f"half_{g.name}")
+        assert half.device.type == "meta" and half.shape == (len(g.series),)
+
+
 def test_windows_are_sampled_in_place_as_from_a_copy_per_window():
     """Each source's K windows come from one grid over it (no K copies of the source), and match
     sampling one copy of the source per window."""

@@ -394,14 +394,19 @@ class MultitaskModel(nn.Module):
     def set_windows(self, sagittal: float, axial: float, sagittal_t1: float = 0.0) -> None:
         """Half sides of the second-pass windows, fractions of the crop: one per crop group, and
         for the Sagittal T1 (foraminal) crops `sagittal_t1` where > 0. A foramen is smaller than
-        the canal the Sagittal T2 window must take in with its borders."""
+        the canal the Sagittal T2 window must take in with its borders. Called on a model
+        already moved to a device, the new half sides go there too."""
         self.windows = {"sagittal": sagittal, "axial": axial}
         for g in GROUPS:
             half = [
                 sagittal_t1 if sagittal_t1 > 0 and st == SAGITTAL_T1 else self.windows[g.name]
                 for st in g.series
             ]
-            self.register_buffer(f"half_{g.name}", torch.tensor(half), persistent=False)
+            old = getattr(self, f"half_{g.name}", None)
+            device = old.device if old is not None else None
+            self.register_buffer(
+                f"half_{g.name}", torch.tensor(half, device=device), persistent=False
+            )
 
     def half_sides(self, group: str, sources: int, k: int) -> torch.Tensor:
         """The half side of each of the `k` windows of `sources` crops of `group` (batch-major,
